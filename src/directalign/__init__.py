@@ -1,0 +1,1 @@
+"""directalign: a reproducible pipeline for direct alignment (DPO, IPO, CoPG, length-averaged)."""

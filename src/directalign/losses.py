@@ -1,0 +1,66 @@
+"""Direct-alignment losses as pure tensor functions.
+
+Every function takes per-sequence tensors and returns the unreduced per-pair loss, so the
+caller chooses the reduction. Formulas follow ../shared/PAPERS.md: ``h`` is the policy/reference
+log-ratio summed over completion tokens, divided by ``|y| ** length_power``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def sequence_logratio(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    length_power: float = 0.0,
+) -> torch.Tensor:
+    """Length-normalised log-ratio ``h_a = sum_t mask * (log pi - log pi_ref) / |y|**a``.
+
+    ``policy_logps``, ``ref_logps`` and ``mask`` are ``[B, T]`` per-token tensors; the mask
+    is 1 on completion tokens only. ``a = 0`` gives the summed log-ratio of DPO/IPO/CoPG,
+    ``a = 1`` the token average of paper A (both policy and reference averaged).
+    """
+    mask = mask.to(policy_logps.dtype)
+    summed = ((policy_logps - ref_logps) * mask).sum(-1)
+    return summed / length_normaliser(mask, length_power)
+
+
+def length_normaliser(mask: torch.Tensor, length_power: float) -> torch.Tensor:
+    """``|y| ** length_power`` per sequence, from a ``[B, T]`` completion mask."""
+    return mask.float().sum(-1).clamp(min=1.0) ** length_power
+
+
+def dpo_loss(logratio_chosen: torch.Tensor, logratio_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO: ``-log sigmoid(beta * (h_w - h_l))``."""
+    return -F.logsigmoid(beta * (logratio_chosen - logratio_rejected))
+
+
+def ipo_loss(logratio_chosen: torch.Tensor, logratio_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO: ``(h_w - h_l - 1 / (2 beta))**2``; averaged IPO is this with ``h_1``."""
+    return (logratio_chosen - logratio_rejected - 1.0 / (2.0 * beta)) ** 2
+
+
+def copg_loss(
+    logratio_a: torch.Tensor,
+    logratio_b: torch.Tensor,
+    reward_a: torch.Tensor,
+    reward_b: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """CoPG: ``(R_beta(a) - R_beta(b))**2 / (2 beta)`` with ``R_beta = R - beta * h``.
+
+    Its gradient is exactly paper B's Eq. 19, ``-(R_beta(a) - R_beta(b)) (grad h_a - grad h_b)``:
+    a regression of the log-ratio gap onto the reward gap divided by beta. No ranking needed.
+    """
+    regularised_gap = (reward_a - beta * logratio_a) - (reward_b - beta * logratio_b)
+    return regularised_gap**2 / (2.0 * beta)
+
+
+def bradley_terry_loss(score_chosen: torch.Tensor, score_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry reward-model loss ``-log sigmoid(r_w - r_l)``."""
+    return -F.logsigmoid(score_chosen - score_rejected)
+
+
+PAIRWISE_PREFERENCE_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss}
+LOSS_NAMES = ("dpo", "ipo", "copg")
