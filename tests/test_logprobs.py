@@ -13,7 +13,12 @@ PAD = 0
 def model() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -58,7 +63,11 @@ def test_padding_does_not_change_sums(model):
     prompt, completion = [3, 4, 5], [6, 7]
     alone = collate_prompt_completion([prompt], [completion], PAD)
     padded = collate_prompt_completion([prompt, [1] * 9], [completion, [2] * 6], PAD)
-    sum_alone = (completion_logps(model, alone["input_ids"], alone["attention_mask"], 2) * alone["completion_mask"]).sum()
-    logps = completion_logps(model, padded["input_ids"], padded["attention_mask"], padded["completion_mask"].shape[1])
+    sum_alone = (
+        completion_logps(model, alone["input_ids"], alone["attention_mask"], 2) * alone["completion_mask"]
+    ).sum()
+    logps = completion_logps(
+        model, padded["input_ids"], padded["attention_mask"], padded["completion_mask"].shape[1]
+    )
     sum_padded = (logps[0] * padded["completion_mask"][0]).sum()
     assert sum_alone.item() == pytest.approx(sum_padded.item(), abs=1e-5)

@@ -59,7 +59,9 @@ def test_ipo_by_hand():
 
 
 def test_copg_by_hand():
-    got = copg_loss(torch.tensor([0.4]), torch.tensor([-0.2]), torch.tensor([1.0]), torch.tensor([0.5]), beta=0.1)
+    got = copg_loss(
+        torch.tensor([0.4]), torch.tensor([-0.2]), torch.tensor([1.0]), torch.tensor([0.5]), beta=0.1
+    )
     regularised_gap = (1.0 - 0.1 * 0.4) - (0.5 - 0.1 * -0.2)
     assert got.item() == pytest.approx(regularised_gap**2 / 0.2)
 

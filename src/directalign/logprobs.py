@@ -26,7 +26,9 @@ def collate_prompt_completion(
     for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         start = prompt_width - len(prompt)
         input_ids[row, start:prompt_width] = torch.tensor(prompt, dtype=torch.long)
-        input_ids[row, prompt_width : prompt_width + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        input_ids[row, prompt_width : prompt_width + len(completion)] = torch.tensor(
+            completion, dtype=torch.long
+        )
         attention_mask[row, start : prompt_width + len(completion)] = 1
         completion_mask[row, : len(completion)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
@@ -58,3 +60,32 @@ def completion_logps(
         use_cache=False,
     ).logits[:, :-1]
     return gather_token_logps(logits, input_ids[:, -completion_width:])
+
+
+@torch.inference_mode()
+def batched_completion_logps(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+) -> list[list[float]]:
+    """Per-token log-probs of each completion given its prompt, in batches, without gradients."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = collate_prompt_completion(
+            prompts[start : start + batch_size], completions[start : start + batch_size], pad_id
+        )
+        logps = completion_logps(
+            model,
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["completion_mask"].shape[1],
+        ).cpu()
+        out.extend(
+            row[: len(c)].tolist()
+            for row, c in zip(logps, completions[start : start + batch_size], strict=True)
+        )
+    return out

@@ -90,7 +90,11 @@ class Store:
         manifest = json.loads(manifest_path.read_text())
         for entry in manifest["files"]:
             file = folder / entry["path"]
-            if not file.is_file() or file.stat().st_size != entry["size"] or file_sha256(file) != entry["sha256"]:
+            if (
+                not file.is_file()
+                or file.stat().st_size != entry["size"]
+                or file_sha256(file) != entry["sha256"]
+            ):
                 raise CorruptArtifactError(
                     f"{file} does not match {manifest_path}: delete {folder} to recompute it"
                 )
@@ -141,5 +145,6 @@ class Store:
     def _file_list(folder: Path) -> list[dict[str, Any]]:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
         return [
-            {"path": str(p.relative_to(folder)), "size": p.stat().st_size, "sha256": file_sha256(p)} for p in files
+            {"path": str(p.relative_to(folder)), "size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in files
         ]

@@ -1,0 +1,21 @@
+"""Run the pipeline: `python pipelines/run.py experiment=smoke` (Hydra overrides on the command line)."""
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from directalign.pipeline import run_pipeline
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    rows = run_pipeline(cfg)
+    for row in rows or []:
+        log.info("%s", row)
+
+
+if __name__ == "__main__":
+    main()

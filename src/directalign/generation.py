@@ -1,0 +1,75 @@
+"""Batched KV-cache sampling, bucketed by prompt length so batches carry little padding."""
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from directalign.logprobs import gather_token_logps
+
+
+@torch.inference_mode()
+def sample_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    desc: str = "generate",
+    return_logps: bool = False,
+) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[list[list[float]]]]:
+    """``num_samples`` completions per prompt, each cut after its first eos (kept, as in training).
+
+    Prompts are sorted by length and batched, then the results are put back in prompt order.
+    With ``return_logps`` it also returns the sampling model's per-token log-probs (at
+    temperature 1, from the raw logits), which spares a second forward pass over the samples.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    results: list[list[list[int]]] = [[] for _ in prompt_ids]
+    logps: list[list[list[float]]] = [[] for _ in prompt_ids]
+    generator_seed = torch.Generator().manual_seed(seed)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    )
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        rows = order[start : start + batch_size]
+        width = max(len(prompt_ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for j, i in enumerate(rows):
+            input_ids[j, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
+            attention_mask[j, width - len(prompt_ids[i]) :] = 1
+        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
+        output = model.generate(
+            return_dict_in_generate=True,
+            output_logits=return_logps,
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_samples,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            top_k=None,
+            **sampling,
+        )
+        sequences = output.sequences[:, width:].cpu()
+        if return_logps:
+            token_logps = gather_token_logps(torch.stack(output.logits, dim=1).cpu(), sequences)
+        for j, sequence in enumerate(sequences):
+            completion = _cut_after_eos(sequence.tolist(), eos_id)
+            results[rows[j // num_samples]].append(completion)
+            if return_logps:
+                logps[rows[j // num_samples]].append(token_logps[j, : len(completion)].tolist())
+    return (results, logps) if return_logps else results
+
+
+def _cut_after_eos(tokens: list[int], eos_id: int) -> list[int]:
+    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens

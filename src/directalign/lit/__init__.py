@@ -1,0 +1,1 @@
+"""LightningModules of the three training stages (SFT, reward model, alignment)."""

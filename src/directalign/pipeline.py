@@ -1,0 +1,62 @@
+"""Run the stages of ``cfg.pipeline`` in order, reusing every completed artifact of the store."""
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from directalign.report import PolicyResult, write_report
+from directalign.stages import align, evaluate, generate, reward, sft
+from directalign.stages.align import CURVE_FILE
+from directalign.stages.context import StageContext
+from directalign.store import Store
+from directalign.tasks import build_task
+from directalign.validation import methods_to_align, validate_config
+
+log = logging.getLogger(__name__)
+
+
+def run_pipeline(cfg: DictConfig) -> list[dict] | None:
+    """All stages up to the last one named in ``cfg.pipeline.stages``; returns the summary rows."""
+    validate_config(cfg)
+    store = Store(cfg.paths.store)
+    task = build_task(cfg.task, store.root / "tasks" / cfg.task.name)
+    ctx = StageContext(cfg, store, task)
+    stages = set(cfg.pipeline.stages)
+
+    sft_artifact = sft.run(ctx)
+    if "reward" not in stages:
+        return None
+    reward_artifact = reward.run(ctx, sft_artifact)
+    if "generate" not in stages:
+        return None
+    generate_artifact = generate.run(ctx, sft_artifact, reward_artifact)
+    if "align" not in stages:
+        return None
+    methods = methods_to_align(cfg)
+    aligned = [align.run(ctx, sft_artifact, reward_artifact, generate_artifact, m) for m in methods]
+    if "evaluate" not in stages:
+        return None
+
+    baseline = evaluate.run(ctx, sft_artifact, reward_artifact, sft_artifact)
+    results = [PolicyResult("sft", None, None, baseline.metrics, evaluate.load_samples(baseline))]
+    for method, policy in zip(methods, aligned, strict=True):
+        evaluation = evaluate.run(ctx, sft_artifact, reward_artifact, policy)
+        curve_file = policy.path / CURVE_FILE
+        curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
+        results.append(
+            PolicyResult(
+                method.name,
+                method.beta,
+                method.length_power,
+                evaluation.metrics,
+                evaluate.load_samples(evaluation),
+                curve,
+            )
+        )
+    _, examples, _ = ctx.prompts("eval", cfg.stage.evaluate.n_prompts)
+    out = Path(cfg.paths.results_dir)
+    rows = write_report(results, examples, out, cfg.seed)
+    log.info("results written to %s", out)
+    return rows

@@ -1,0 +1,193 @@
+"""Tables and plots of the results contract: summary.csv/.md and the three plots."""
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SUMMARY_COLUMNS = (
+    "method",
+    "beta",
+    "length_power",
+    "proxy_reward",
+    "gold_reward",
+    "length_tokens",
+    "kl_to_ref",
+    "win_rate_vs_sft",
+    "n_prompts",
+    "seed",
+)
+
+
+@dataclass
+class PolicyResult:
+    """One evaluated policy: its label, evaluation metrics, per-prompt samples, and training curve."""
+
+    method: str
+    beta: float | None
+    length_power: float | None
+    metrics: dict[str, Any]
+    samples: list[dict[str, Any]]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.beta is None else f"{self.method} b={self.beta:g} a={self.length_power:g}"
+
+
+def win_rate(policy: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> float:
+    """Fraction of prompts where the policy's sample beats the baseline's (ties count half).
+
+    Judged by the gold judge where the task has one, else by the proxy reward model.
+    """
+    key = "gold_reward" if policy and policy[0]["gold_reward"] is not None else "proxy_reward"
+    base = {s["id"]: s[key] for s in baseline}
+    scores = [
+        1.0 if s[key] > base[s["id"]] else 0.5 if s[key] == base[s["id"]] else 0.0
+        for s in policy
+        if s["id"] in base
+    ]
+    return sum(scores) / len(scores) if scores else math.nan
+
+
+def summary_rows(results: list[PolicyResult], seed: int) -> list[dict[str, Any]]:
+    baseline = results[0].samples
+    rows = []
+    for result in results:
+        m = result.metrics
+        rows.append(
+            {
+                "method": result.method,
+                "beta": "" if result.beta is None else result.beta,
+                "length_power": "" if result.length_power is None else result.length_power,
+                "proxy_reward": m["proxy_reward"],
+                "gold_reward": "" if m["gold_reward"] is None else m["gold_reward"],
+                "length_tokens": m["length_tokens"],
+                "kl_to_ref": m["kl_to_ref"],
+                "win_rate_vs_sft": win_rate(result.samples, baseline),
+                "n_prompts": m["n_prompts"],
+                "seed": seed,
+            }
+        )
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
+    with (out / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in SUMMARY_COLUMNS) + " |" for row in rows]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _scores(results: list[PolicyResult]) -> list[tuple[str, str]]:
+    has_gold = results[0].metrics["gold_reward"] is not None
+    return [("proxy_reward", "proxy reward (learned RM)")] + (
+        [("gold_reward", "gold reward")] if has_gold else []
+    )
+
+
+def _scatter(results: list[PolicyResult], x_key: str, x_label: str, path: Path, title: str) -> None:
+    scores = _scores(results)
+    fig, axes = plt.subplots(1, len(scores), figsize=(6 * len(scores), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], scores, strict=True):
+        for result in results:
+            ax.scatter(result.metrics[x_key], result.metrics[key], s=40)
+            ax.annotate(
+                result.label,
+                (result.metrics[x_key], result.metrics[key]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(results: list[PolicyResult], path: Path) -> None:
+    curved = [r for r in results if r.curve]
+    scores = [(k, label) for k, label in _scores(results)]
+    fig, axes = plt.subplots(1, len(scores), figsize=(6 * len(scores), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], scores, strict=True):
+        for result in curved:
+            ax.plot(
+                [p["step"] for p in result.curve],
+                [p[key] for p in result.curve],
+                marker="o",
+                ms=3,
+                label=result.label,
+            )
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Reward of greedy samples on held-out prompts during alignment")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_samples(results: list[PolicyResult], examples: dict[str, list], out: Path, n: int) -> None:
+    """A few held-out sources with the human reference and every policy's output, to judge by eye."""
+    by_policy = [{s["id"]: s for s in r.samples} for r in results]
+    lines = ["# Samples on held-out prompts", ""]
+    for i in range(min(n, len(examples["id"]))):
+        sample_id = examples["id"][i]
+        lines += [
+            f"## {sample_id}",
+            "",
+            f"> {examples['source'][i]}",
+            "",
+            f"- **human**: {examples['reference'][i]}",
+        ]
+        for result, samples in zip(results, by_policy, strict=True):
+            if sample_id in samples:
+                s = samples[sample_id]
+                gold = "" if s["gold_reward"] is None else f", gold {s['gold_reward']:.3f}"
+                lines.append(f"- **{result.label}** (proxy {s['proxy_reward']:.3f}{gold}): {s['completion']}")
+        lines.append("")
+    (out / "samples.md").write_text("\n".join(lines))
+
+
+def write_report(
+    results: list[PolicyResult], examples: dict[str, list], out: Path, seed: int, n_samples: int = 8
+) -> list[dict[str, Any]]:
+    """Write every file of the results contract into ``out``; the first result is the SFT baseline."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(results, seed)
+    write_tables(rows, out)
+    _scatter(
+        results,
+        "length_tokens",
+        "mean length of samples (tokens)",
+        out / "length_vs_score.png",
+        "Length versus score",
+    )
+    _scatter(
+        results,
+        "kl_to_ref",
+        "KL to SFT (mean summed log-ratio on samples)",
+        out / "reward_vs_kl.png",
+        "Reward versus KL",
+    )
+    if any(r.curve for r in results):
+        plot_curves(results, out / "reward_vs_step.png")
+    write_samples(results, examples, out, n_samples)
+    return rows

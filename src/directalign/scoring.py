@@ -1,0 +1,74 @@
+"""Score completions with the learned reward model (the proxy) and the task's gold judge."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from directalign.tasks.base import GoldJudge
+
+
+@torch.inference_mode()
+def reward_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sources: list[str],
+    completions: list[str],
+    max_length: int,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Reward-model score of each (source, completion) text pair."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(sources), batch_size):
+        encoded = encode_pairs(
+            tokenizer,
+            sources[start : start + batch_size],
+            completions[start : start + batch_size],
+            max_length,
+        )
+        scores.append(model(**{k: v.to(device) for k, v in encoded.items()}).logits.squeeze(-1).float().cpu())
+    return torch.cat(scores).numpy() if scores else np.zeros(0)
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, sources: list[str], completions: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
+    """The reward model reads (source, completion) as a text pair; only the source is truncated."""
+    return tokenizer(
+        sources,
+        completions,
+        truncation="only_first",
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+        return_token_type_ids=False,
+    )
+
+
+class Scorer:
+    """The proxy reward model of a completed reward stage, plus the task's gold judge if any."""
+
+    def __init__(self, reward_dir: Path, max_length: int, gold: GoldJudge | None):
+        self.tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+        self.max_length = max_length
+        self.gold = gold
+
+    def to(self, device: torch.device) -> "Scorer":
+        self.model.to(device)
+        return self
+
+    def __call__(
+        self, sources: list[str], references: list[str], completions: list[str]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        proxy = reward_scores(self.model, self.tokenizer, sources, completions, self.max_length)
+        gold = self.gold.score(sources, references, completions) if self.gold else None
+        return proxy, gold

@@ -1,0 +1,1 @@
+"""The five pipeline stages; each ``run`` returns store artifacts for the next one."""

@@ -1,0 +1,57 @@
+"""What every stage receives: the composed config, the store, the task, and shared helpers."""
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from directalign.models import load_tokenizer
+from directalign.prompts import build_prompts
+from directalign.store import Store
+from directalign.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+def plain(node: Any) -> Any:
+    """A resolved, JSON-able copy of a config node, for store keys and manifests."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+@dataclass
+class StageContext:
+    cfg: DictConfig
+    store: Store
+    task: Task
+
+    @property
+    def task_key(self) -> dict[str, Any]:
+        return plain(self.cfg.task)
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.cfg.model, self.store.root)
+
+    def prompts(self, split: str, limit: int | None) -> tuple[list[list[int]], dict[str, list], int]:
+        """Prompt ids and the examples of a split (first ``limit``), sources truncated to budget."""
+        examples = self.task.examples(split)
+        if limit is not None:
+            examples = examples.select(range(min(limit, len(examples))))
+        prompt_ids, sources, n_truncated = build_prompts(
+            self.task,
+            self.tokenizer,
+            examples["source"],
+            self.cfg.task.max_source_tokens,
+            self.cfg.model.system_prompt,
+        )
+        columns = {"id": examples["id"], "source": sources, "reference": examples["reference"]}
+        return prompt_ids, columns, n_truncated
+
+    def seed(self, offset: int = 0) -> int:
+        seed = self.cfg.seed + offset
+        L.seed_everything(seed, workers=True, verbose=False)
+        return seed

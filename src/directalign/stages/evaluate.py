@@ -1,0 +1,90 @@
+"""Stage 5: sample held-out prompts with one policy; proxy and gold reward, length, KL to SFT."""
+
+import json
+
+import numpy as np
+from transformers import AutoModelForCausalLM
+
+from directalign.generation import sample_completions
+from directalign.logprobs import batched_completion_logps
+from directalign.scoring import Scorer
+from directalign.stages.context import StageContext, plain
+from directalign.stages.reward import REWARD_DIR
+from directalign.stages.sft import POLICY_DIR
+from directalign.store import Artifact
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def run(ctx: StageContext, sft: Artifact, reward: Artifact, policy: Artifact) -> Artifact:
+    """Evaluate the policy saved by ``policy`` (the SFT artifact itself for the baseline)."""
+    cfg, stage_cfg = ctx.cfg, ctx.cfg.stage.evaluate
+    config = {
+        "task": ctx.task_key,
+        "evaluate": plain(stage_cfg),
+        "policy": f"{policy.stage}/{policy.key}",
+        "seed": cfg.seed,
+    }
+
+    def compute(folder):
+        seed = ctx.seed(4)
+        tokenizer = ctx.tokenizer
+        prompt_ids, examples, _ = ctx.prompts("eval", stage_cfg.n_prompts)
+        model = AutoModelForCausalLM.from_pretrained(policy.path / POLICY_DIR)
+        samples, sample_logps = sample_completions(
+            model,
+            tokenizer,
+            prompt_ids,
+            num_samples=1,
+            max_new_tokens=cfg.task.max_completion_tokens,
+            batch_size=stage_cfg.batch_size,
+            do_sample=stage_cfg.do_sample,
+            temperature=stage_cfg.temperature,
+            top_p=stage_cfg.top_p,
+            seed=seed,
+            desc=f"evaluate {policy.stage}",
+            return_logps=True,
+        )
+        completions = [s[0] for s in samples]
+        texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
+        proxy, gold = Scorer(reward.path / REWARD_DIR, cfg.stage.reward.max_length, ctx.task.gold_judge())(
+            examples["source"], examples["reference"], texts
+        )
+        if policy.key == sft.key and policy.stage == sft.stage:
+            logratio = np.zeros(len(completions))
+        else:
+            ref_model = AutoModelForCausalLM.from_pretrained(sft.path / POLICY_DIR)
+            pad = tokenizer.pad_token_id
+            policy_sums = [sum(lp[0]) for lp in sample_logps]
+            ref_sums = [
+                sum(x)
+                for x in batched_completion_logps(
+                    ref_model, prompt_ids, completions, pad, stage_cfg.batch_size
+                )
+            ]
+            logratio = np.asarray(policy_sums) - np.asarray(ref_sums)
+        lengths = np.asarray([len(c) for c in completions])
+        with (folder / SAMPLES_FILE).open("w") as handle:
+            for i, text in enumerate(texts):
+                record = {
+                    "id": examples["id"][i],
+                    "completion": text,
+                    "length_tokens": int(lengths[i]),
+                    "proxy_reward": float(proxy[i]),
+                    "gold_reward": float(gold[i]) if gold is not None else None,
+                    "logratio": float(logratio[i]),
+                }
+                handle.write(json.dumps(record) + "\n")
+        return {
+            "proxy_reward": float(proxy.mean()),
+            "gold_reward": float(gold.mean()) if gold is not None else None,
+            "length_tokens": float(lengths.mean()),
+            "kl_to_ref": float(logratio.mean()),
+            "n_prompts": len(texts),
+        }
+
+    return ctx.store.run("evaluate", config, [sft, reward, policy], compute)
+
+
+def load_samples(evaluation: Artifact) -> list[dict]:
+    return [json.loads(line) for line in (evaluation.path / SAMPLES_FILE).read_text().splitlines()]

@@ -1,0 +1,153 @@
+"""Stage 2: a Bradley-Terry reward model on preference pairs.
+
+Tasks with human pairs (tldr) use them. Offline tasks simulate the human labeller: two SFT
+samples per prompt, labelled by sampling Bradley-Terry on the gold judge's scores.
+"""
+
+import logging
+
+import numpy as np
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
+
+from directalign.generation import sample_completions
+from directalign.lit.reward import RewardModule
+from directalign.models import build_reward_model
+from directalign.scoring import encode_pairs, reward_scores
+from directalign.stages.context import StageContext, plain
+from directalign.stages.sft import POLICY_DIR
+from directalign.store import Artifact
+from directalign.training import build_trainer, finish_wandb, resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+REWARD_DIR = "model"
+
+
+def simulated_preferences(ctx: StageContext, sft: Artifact, seed: int) -> dict[str, list]:
+    """Pairs of SFT samples labelled by a noisy Bradley-Terry labeller on the gold judge."""
+    cfg, stage_cfg = ctx.cfg, ctx.cfg.stage.reward
+    gold = ctx.task.gold_judge()
+    if gold is None:
+        raise ValueError(f"task {cfg.task.name!r} has neither human preferences nor a gold judge")
+    prompt_ids, examples, _ = ctx.prompts("preference", stage_cfg.max_pairs)
+    policy = AutoModelForCausalLM.from_pretrained(sft.path / POLICY_DIR)
+    samples = sample_completions(
+        policy,
+        ctx.tokenizer,
+        prompt_ids,
+        num_samples=2,
+        max_new_tokens=cfg.task.max_completion_tokens,
+        batch_size=stage_cfg.sampling.batch_size,
+        do_sample=True,
+        temperature=stage_cfg.sampling.temperature,
+        top_p=stage_cfg.sampling.top_p,
+        seed=seed,
+        desc="preference samples",
+    )
+    texts = [[ctx.tokenizer.decode(c, skip_special_tokens=True).strip() for c in pair] for pair in samples]
+    keep = [i for i, (a, b) in enumerate(texts) if a and b and a != b]
+    log.info("preference pairs: kept %d of %d (dropped empty or identical samples)", len(keep), len(texts))
+    sources = [examples["source"][i] for i in keep]
+    references = [examples["reference"][i] for i in keep]
+    first = [texts[i][0] for i in keep]
+    second = [texts[i][1] for i in keep]
+    gold_first = gold.score(sources, references, first)
+    gold_second = gold.score(sources, references, second)
+    rng = np.random.default_rng(seed)
+    prob_first = 1.0 / (1.0 + np.exp(-(gold_first - gold_second) / stage_cfg.label_temperature))
+    first_wins = rng.random(len(keep)) < prob_first
+    return {
+        "source": sources,
+        "chosen": [a if w else b for a, b, w in zip(first, second, first_wins, strict=True)],
+        "rejected": [b if w else a for a, b, w in zip(first, second, first_wins, strict=True)],
+        "gold_margin": np.where(first_wins, gold_first - gold_second, gold_second - gold_first).tolist(),
+        "n_dropped": len(texts) - len(keep),
+    }
+
+
+def human_preferences(ctx: StageContext) -> dict[str, list] | None:
+    pairs = ctx.task.human_preferences()
+    if pairs is None:
+        return None
+    limit = ctx.cfg.stage.reward.max_pairs
+    if limit is not None:
+        pairs = pairs.select(range(min(limit, len(pairs))))
+    return {
+        "source": pairs["source"],
+        "chosen": pairs["chosen"],
+        "rejected": pairs["rejected"],
+        "n_dropped": 0,
+    }
+
+
+def _loader(tokenizer, rows: list[tuple[str, str, str]], batch_size: int, max_length: int, shuffle: bool):
+    def collate(batch):
+        sources = [s for s, _, _ in batch]
+        chosen = encode_pairs(tokenizer, sources, [c for _, c, _ in batch], max_length)
+        rejected = encode_pairs(tokenizer, sources, [r for _, _, r in batch], max_length)
+        return {f"chosen_{k}": v for k, v in chosen.items()} | {
+            f"rejected_{k}": v for k, v in rejected.items()
+        }
+
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
+
+
+def run(ctx: StageContext, sft: Artifact) -> Artifact:
+    cfg, stage_cfg = ctx.cfg, ctx.cfg.stage.reward
+    config = {
+        "task": ctx.task_key,
+        "reward_model": plain(cfg.reward_model),
+        "reward": plain(stage_cfg),
+        "seed": cfg.seed,
+    }
+
+    def compute(folder):
+        seed = ctx.seed(1)
+        pairs = human_preferences(ctx) or simulated_preferences(ctx, sft, seed)
+        rows = list(zip(pairs["source"], pairs["chosen"], pairs["rejected"], strict=True))
+        if len(rows) < 4:
+            raise ValueError(f"reward stage: only {len(rows)} usable preference pairs; need at least 4")
+        order = np.random.default_rng(seed).permutation(len(rows))
+        n_val = max(1, int(len(rows) * stage_cfg.validation_fraction))
+        val_rows = [rows[i] for i in order[:n_val]]
+        train_rows = [rows[i] for i in order[n_val:]]
+        model, tokenizer = build_reward_model(cfg.reward_model, sft.path / POLICY_DIR, seed)
+        trainer = build_trainer(
+            cfg, stage_cfg, folder, "reward", {"stage": "reward", "reward_model": cfg.reward_model.name}
+        )
+        trainer.fit(
+            RewardModule(model, stage_cfg),
+            train_dataloaders=_loader(
+                tokenizer, train_rows, stage_cfg.batch_size, stage_cfg.max_length, True
+            ),
+            val_dataloaders=_loader(tokenizer, val_rows, stage_cfg.batch_size, stage_cfg.max_length, False),
+            ckpt_path=resume_checkpoint(folder),
+        )
+        finish_wandb(trainer)
+        model.cpu()
+        sources = [s for s, _, _ in val_rows]
+        chosen = reward_scores(model, tokenizer, sources, [c for _, c, _ in val_rows], stage_cfg.max_length)
+        rejected = reward_scores(model, tokenizer, sources, [r for _, _, r in val_rows], stage_cfg.max_length)
+        metrics = {
+            "n_train_pairs": len(train_rows),
+            "n_val_pairs": len(val_rows),
+            "n_dropped_pairs": pairs["n_dropped"],
+            "val_accuracy": float(np.mean(chosen > rejected)),
+        }
+        if "gold_margin" in pairs:
+            # Agreement with the gold judge's own ordering, not with the noisy sampled labels.
+            margin = np.asarray(pairs["gold_margin"])[order[:n_val]]
+            decided = margin != 0
+            agree = (chosen > rejected) == (margin > 0)
+            metrics["val_gold_accuracy"] = float(np.mean(agree[decided])) if decided.any() else float("nan")
+            metrics["val_label_gold_agreement"] = (
+                float(np.mean(margin[decided] > 0)) if decided.any() else float("nan")
+            )
+        if trainer.is_global_zero:
+            model.save_pretrained(folder / REWARD_DIR)
+            tokenizer.save_pretrained(folder / REWARD_DIR)
+        log.info("reward model: %s", metrics)
+        return metrics
+
+    return ctx.store.run("reward", config, [sft], compute)

@@ -1,0 +1,53 @@
+"""Stage 1: fine-tune the policy on prompt -> human reference."""
+
+from torch.utils.data import DataLoader
+
+from directalign.lit.sft import SFTModule
+from directalign.logprobs import collate_prompt_completion
+from directalign.models import build_policy, merge_lora, with_lora
+from directalign.prompts import completion_ids
+from directalign.stages.context import StageContext, plain
+from directalign.store import Artifact
+from directalign.training import build_trainer, finish_wandb, resume_checkpoint
+
+POLICY_DIR = "model"
+
+
+def run(ctx: StageContext) -> Artifact:
+    cfg, stage_cfg = ctx.cfg, ctx.cfg.stage.sft
+    config = {"task": ctx.task_key, "model": plain(cfg.model), "sft": plain(stage_cfg), "seed": cfg.seed}
+
+    def compute(folder):
+        seed = ctx.seed()
+        tokenizer = ctx.tokenizer
+        prompt_ids, examples, n_truncated = ctx.prompts("sft", stage_cfg.max_examples)
+        completions = completion_ids(tokenizer, examples["reference"])
+        limit = cfg.task.max_completion_tokens
+        n_cut = sum(len(c) > limit for c in completions)
+        completions = [c[:limit] for c in completions]
+        pairs = list(zip(prompt_ids, completions, strict=True))
+        loader = DataLoader(
+            pairs,
+            batch_size=stage_cfg.batch_size,
+            shuffle=True,
+            collate_fn=lambda rows: collate_prompt_completion(
+                [p for p, _ in rows], [c for _, c in rows], tokenizer.pad_token_id
+            ),
+        )
+        model = with_lora(build_policy(cfg.model, ctx.store.root, len(tokenizer), seed), stage_cfg.lora)
+        trainer = build_trainer(cfg, stage_cfg, folder, "sft", {"stage": "sft", "model": cfg.model.name})
+        trainer.fit(
+            SFTModule(model, stage_cfg), train_dataloaders=loader, ckpt_path=resume_checkpoint(folder)
+        )
+        finish_wandb(trainer)
+        if trainer.is_global_zero:
+            merge_lora(model).save_pretrained(folder / POLICY_DIR)
+            tokenizer.save_pretrained(folder / POLICY_DIR)
+        return {
+            "train_loss": float(trainer.callback_metrics["train/loss"]),
+            "n_examples": len(pairs),
+            "n_truncated_sources": n_truncated,
+            "n_truncated_completions": n_cut,
+        }
+
+    return ctx.store.run("sft", config, [], compute)
