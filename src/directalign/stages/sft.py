@@ -15,7 +15,9 @@ POLICY_DIR = "model"
 
 def run(ctx: StageContext) -> Artifact:
     cfg, stage_cfg = ctx.cfg, ctx.cfg.stage.sft
-    config = {"task": ctx.task_key, "model": plain(cfg.model), "sft": plain(stage_cfg), "seed": cfg.seed}
+    # The gold judge plays no part in SFT: changing it must not invalidate the policy.
+    task_key = {k: v for k, v in ctx.task_key.items() if k != "gold"}
+    config = {"task": task_key, "model": plain(cfg.model), "sft": plain(stage_cfg), "seed": cfg.seed}
 
     def compute(folder):
         seed = ctx.seed()

