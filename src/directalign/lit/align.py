@@ -2,6 +2,7 @@
 
 Reference log-probs were stored per token by the generate stage, so no reference model runs
 here. Each batch holds pairs ``(a, b)`` with ``reward_a >= reward_b``; a is the "chosen" one.
+With ``share_prompt`` each prompt runs once for both completions of its pair (``prefix.py``).
 """
 
 import torch
@@ -10,6 +11,7 @@ from omegaconf import DictConfig
 from directalign.lit.base import TrainModule
 from directalign.logprobs import completion_logps
 from directalign.losses import PAIRWISE_PREFERENCE_LOSSES, copg_loss, sequence_logratio
+from directalign.prefix import shared_prompt_completion_logps
 
 
 def pair_losses(
@@ -29,10 +31,11 @@ class AlignModule(TrainModule):
     def __init__(self, model: torch.nn.Module, stage_cfg: DictConfig, method: DictConfig):
         super().__init__(model, stage_cfg)
         self.method = method
+        self.completion_logps = shared_prompt_completion_logps if stage_cfg.share_prompt else completion_logps
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         mask = batch["completion_mask"]
-        policy_logps = completion_logps(
+        policy_logps = self.completion_logps(
             self.model, batch["input_ids"], batch["attention_mask"], mask.shape[1]
         )
         logratio = sequence_logratio(policy_logps, batch["ref_logps"], mask, self.method.length_power)

@@ -26,6 +26,9 @@ from directalign.training import build_trainer, finish_wandb, resume_checkpoint
 log = logging.getLogger(__name__)
 
 CURVE_FILE = "reward_curve.json"
+# Settings proven not to change the loss (tests/test_prefix.py): they stay out of the store key, so
+# switching them never recomputes a policy.
+SPEED_ONLY_KEYS = ("share_prompt",)
 
 
 def build_pairs(table: datasets.Dataset, drop_ties: bool) -> tuple[list[dict[str, Any]], int]:
@@ -75,7 +78,7 @@ def run(
     cfg, stage_cfg = ctx.cfg, ctx.cfg.stage.align
     config = {
         "method": plain(method),
-        "align": plain(stage_cfg),
+        "align": {k: v for k, v in plain(stage_cfg).items() if k not in SPEED_ONLY_KEYS},
         "seed": cfg.seed,
         "precision": cfg.trainer.precision,
     }
