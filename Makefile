@@ -43,8 +43,9 @@ headlines: install  ## The default experiment: news headlines with SmolLM2-135M 
 
 reproduce: bandit headlines  ## Everything results/ shows: the bandit and the headlines experiment
 
-sweep: install  ## Paper B's beta grids on the default task (a Hydra multirun)
-	$(PY) pipelines/run.py -m experiment=sweep
+sweep: install  ## Paper B's beta grids on the default task (two multiruns, one sweep report)
+	$(PY) pipelines/run.py -m experiment=sweep method=copg,dpo method.beta=0.01,0.03,0.06,0.1,0.3,1
+	$(PY) pipelines/run.py -m experiment=sweep method=ipo method.beta=0.003,0.01,0.03,0.06,0.1,0.3
 
 bench: install  ## Align-step throughput against TRL's DPOTrainer, into results/benchmarks.md
 	$(PY) pipelines/bench.py

@@ -1,4 +1,8 @@
-"""Run the stages of ``cfg.pipeline`` in order, reusing every completed artifact of the store."""
+"""Run the stages of ``cfg.pipeline`` in order, reusing every completed artifact of the store.
+
+Under data-parallel training every rank runs this same function (Lightning's launcher, torchrun
+or SLURM starts them): the store keeps the ranks in step, and only rank 0 writes results and logs.
+"""
 
 import json
 import logging
@@ -6,19 +10,21 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from directalign.report import PolicyResult, write_report
+from directalign.report import PolicyResult, log_wandb, write_report
 from directalign.stages import align, evaluate, generate, reward, sft
 from directalign.stages.align import CURVE_FILE
 from directalign.stages.context import StageContext
-from directalign.store import Store
+from directalign.store import Store, is_rank_zero
 from directalign.tasks import build_task
+from directalign.training import wandb_run_args
 from directalign.validation import methods_to_align, validate_config
 
 log = logging.getLogger(__name__)
 
 
 def run_pipeline(cfg: DictConfig) -> list[dict] | None:
-    """All stages up to the last one named in ``cfg.pipeline.stages``; returns the summary rows."""
+    """All stages up to the last one named in ``cfg.pipeline.stages``; returns the summary rows
+    (on rank 0: the other ranks only take part in training)."""
     validate_config(cfg)
     store = Store(cfg.paths.store)
     task = build_task(cfg.task, store.root / "tasks" / cfg.task.name)
@@ -55,8 +61,33 @@ def run_pipeline(cfg: DictConfig) -> list[dict] | None:
                 curve,
             )
         )
+    if not is_rank_zero():
+        return None
     _, examples, _ = ctx.prompts("eval", cfg.stage.evaluate.n_prompts)
     out = Path(cfg.paths.results_dir)
     rows = write_report(results, examples, out, cfg.seed)
     log.info("results written to %s", out)
+    if cfg.logger.wandb:
+        run_dir = log_wandb(
+            results,
+            rows,
+            out,
+            mode="offline" if cfg.logger.wandb.offline else "online",
+            dir=cfg.paths.output_dir,
+            **wandb_run_args(cfg, "evaluate", evaluation_tags(cfg)),
+        )
+        log.info("wandb run in %s", run_dir)
     return rows
+
+
+def evaluation_tags(cfg: DictConfig) -> dict[str, object]:
+    """The aligned method's settings as wandb tags; a side-by-side run names its methods instead."""
+    if cfg.compare:
+        return {"stage": "evaluate", "methods": ",".join(m.name for m in methods_to_align(cfg))}
+    method = cfg.method
+    return {
+        "stage": "evaluate",
+        "method": method.name,
+        "beta": method.beta,
+        "length_power": method.length_power,
+    }

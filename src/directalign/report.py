@@ -1,6 +1,8 @@
-"""Tables and plots of the results contract: summary.csv/.md and the three plots."""
+"""Tables and plots of the results contract (summary.csv/.md and the three plots), the curves a sweep
+report reads back, and the same tables and plots as a wandb run."""
 
 import csv
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+CURVES_FILE = "curves.json"
+PLOTS = ("length_vs_score.png", "reward_vs_kl.png", "reward_vs_step.png")
+METRIC_COLUMNS = ("proxy_reward", "gold_reward", "length_tokens", "kl_to_ref", "win_rate_vs_sft")
 SUMMARY_COLUMNS = (
     "method",
     "beta",
@@ -189,5 +194,62 @@ def write_report(
     )
     if any(r.curve for r in results):
         plot_curves(results, out / "reward_vs_step.png")
+    write_curves(results, out)
     write_samples(results, examples, out, n_samples)
     return rows
+
+
+def write_curves(results: list[PolicyResult], out: Path) -> None:
+    """Each aligned policy's reward-vs-step points, for the sweep report to read back."""
+    curves = [
+        {"method": r.method, "beta": r.beta, "length_power": r.length_power, "points": r.curve}
+        for r in results
+        if r.beta is not None
+    ]
+    (out / CURVES_FILE).write_text(json.dumps(curves, indent=2))
+
+
+def log_wandb(results: list[PolicyResult], rows: list[dict[str, Any]], out: Path, **init: Any) -> Path:
+    """One wandb run with the evaluation as tables, native scatter and line plots, and the PNGs.
+
+    Native plots (not only images) let a project dashboard put every run of a sweep on one chart.
+    ``init`` goes to ``wandb.init``; returns the run's local folder.
+    """
+    import wandb  # here, so that runs without wandb logging never import it
+
+    scores = [key for key, _ in _scores(results)]
+    # wandb types a column by its values: the SFT row's blank beta must be None, not "".
+    cells = [[None if row[c] == "" else row[c] for c in SUMMARY_COLUMNS] for row in rows]
+    summary = wandb.Table(columns=list(SUMMARY_COLUMNS), data=cells)
+    points = [
+        [r.label, p["step"], *(p[key] for key in scores), p["length_tokens"]]
+        for r in results
+        for p in r.curve
+    ]
+    curve = wandb.Table(columns=["policy", "step", *scores, "length_tokens"], data=points)
+    logged: dict[str, Any] = {"eval/summary": summary, "eval/reward_vs_step_table": curve}
+    for key in scores:
+        logged[f"eval/length_vs_{key}"] = wandb.plot.scatter(
+            summary, "length_tokens", key, title=f"Length versus {key}"
+        )
+        logged[f"eval/kl_vs_{key}"] = wandb.plot.scatter(summary, "kl_to_ref", key, title=f"{key} versus KL")
+        if points:
+            logged[f"eval/{key}_vs_step"] = wandb.plot.line(
+                curve, "step", key, stroke="policy", title=f"{key} versus step"
+            )
+    for name in PLOTS:
+        if (out / name).is_file():
+            logged[f"plots/{Path(name).stem}"] = wandb.Image(str(out / name))
+    # Per policy, and once more without the name when a single method was aligned (a sweep job),
+    # so every run of a sweep has the same keys for the dashboard to compare across runs.
+    prefixes = [[f"eval/{row['method']}"] for row in rows]
+    if len(rows) == 2:
+        prefixes[1].append("eval")
+    for row, names in zip(rows, prefixes, strict=True):
+        for column in METRIC_COLUMNS:
+            if row[column] != "":
+                logged |= {f"{name}/{column}": row[column] for name in names}
+    Path(init.get("dir", ".")).mkdir(parents=True, exist_ok=True)
+    with wandb.init(**init) as run:
+        run.log(logged)
+        return Path(run.dir).parent

@@ -4,6 +4,10 @@ Each stage output lives in ``<root>/<stage>/<key>/``, where ``key`` hashes the s
 and its upstream keys. A stage is complete only once its ``manifest.json`` (config, upstream keys,
 metrics, files with sizes and hashes) has been written atomically as the very last step, so a
 killed stage leaves no manifest and is redone, resuming from whatever checkpoint it left.
+
+Under data-parallel training every rank runs the same pipeline, but only rank 0 locks, computes
+alone and writes manifests. Other ranks never write: they join the computation of the stages that
+train (``trainer.fit`` needs every rank) and otherwise wait for rank 0's manifest.
 """
 
 import hashlib
@@ -12,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +28,29 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 16
+# The stages whose compute calls ``trainer.fit``, which every data-parallel rank must join.
+COLLECTIVE_STAGES = ("sft", "reward", "align")
+# How long a non-zero rank waits for rank 0 to finish a stage (generation can take hours).
+RANK_WAIT_TIMEOUT_S = 24 * 3600.0
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
 
 
 class CorruptArtifactError(RuntimeError):
     """A completed artifact whose files no longer match its manifest."""
+
+
+class RankWaitTimeout(TimeoutError):
+    """A non-zero rank gave up waiting for rank 0's manifest."""
+
+
+def is_rank_zero() -> bool:
+    """False in any process that torchrun (RANK), SLURM (SLURM_PROCID) or Lightning's DDP launcher
+    (LOCAL_RANK, NODE_RANK) marked as another rank; True in a plain single process.
+
+    Read from the environment because Lightning's launcher starts the other ranks only at the
+    first ``trainer.fit``, as fresh runs of the same command, long before any process group exists.
+    """
+    return all(int(os.environ.get(name, "0")) == 0 for name in RANK_VARIABLES)
 
 
 @dataclass(frozen=True)
@@ -74,9 +98,19 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 class Store:
     """Stage artifacts under one root folder, shared by every run and sweep job."""
 
-    def __init__(self, root: str | Path, scratch_dirs: Sequence[str] = ("checkpoints",)):
+    def __init__(
+        self,
+        root: str | Path,
+        scratch_dirs: Sequence[str] = ("checkpoints",),
+        collective_stages: Sequence[str] = COLLECTIVE_STAGES,
+        wait_timeout_s: float = RANK_WAIT_TIMEOUT_S,
+        poll_interval_s: float = 2.0,
+    ):
         self.root = Path(root)
         self.scratch_dirs = tuple(scratch_dirs)
+        self.collective_stages = tuple(collective_stages)
+        self.wait_timeout_s = wait_timeout_s
+        self.poll_interval_s = poll_interval_s
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -111,10 +145,14 @@ class Store:
 
         ``compute(folder)`` writes the stage's files into ``folder`` and returns its metrics.
         Concurrent jobs needing the same artifact serialise on a file lock: one computes, the
-        others wait and then load it.
+        others wait and then load it. A non-zero data-parallel rank takes no lock (rank 0 holds it
+        through ``trainer.fit``, which this rank must join): it runs ``compute`` only for collective
+        stages, where the stage itself saves on rank 0 alone, and then waits for rank 0's manifest.
         """
         key = stage_key(stage, config, upstream)
         folder = self.path(stage, key)
+        if not is_rank_zero():
+            return self._follow_rank_zero(stage, key, compute)
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
             done = self.load(stage, key)
@@ -135,6 +173,27 @@ class Store:
             }
             write_json_atomic(folder / MANIFEST, manifest)
             return Artifact(stage, key, folder, manifest)
+
+    def _follow_rank_zero(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> Artifact:
+        done = self.load(stage, key)
+        if done is not None:
+            return done
+        if stage in self.collective_stages:
+            compute(self.path(stage, key))
+        return self.wait_for(stage, key)
+
+    def wait_for(self, stage: str, key: str) -> Artifact:
+        """Poll until rank 0 has written the stage's manifest; fail loudly rather than hang."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        while (done := self.load(stage, key)) is None:
+            if time.monotonic() > deadline:
+                raise RankWaitTimeout(
+                    f"waited {self.wait_timeout_s:.0f} s for rank 0 to write"
+                    f" {self.path(stage, key) / MANIFEST}: rank 0 failed or is still computing"
+                    " (see its log); rerun once it has finished"
+                )
+            time.sleep(self.poll_interval_s)
+        return done
 
     def _remove_scratch(self, folder: Path) -> None:
         """Resume checkpoints are only useful while a stage is incomplete."""
