@@ -6,13 +6,19 @@ import hydra
 from omegaconf import DictConfig
 
 from directalign.pipeline import run_pipeline
+from directalign.store import CorruptArtifactError
+from directalign.validation import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    rows = run_pipeline(cfg)
+    try:
+        rows = run_pipeline(cfg)
+    except (ConfigError, DataError, CorruptArtifactError) as error:
+        # Bad input is the user's to fix: one line naming it, not a traceback.
+        raise SystemExit(f"directalign: {error}") from None
     for row in rows or []:
         log.info("%s", row)
 

@@ -1,11 +1,20 @@
 """Shared fixtures: configs composed with Hydra's compose API, shrunk to tiny sizes."""
 
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+from directalign.store import MANIFEST, Artifact, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -31,3 +40,152 @@ def compose_config(overrides: list[str], tmp: Path | None = None) -> DictConfig:
 def shared_store(tmp_path_factory) -> Path:
     """One store for the whole session, so the dequantised SmolLM2 tokenizer is built once."""
     return tmp_path_factory.mktemp("shared")
+
+
+# The smoke experiment cut to two methods and a few dozen examples, with checkpoints every other step:
+# for the end-to-end tests that run the whole pipeline more than once (determinism, kill and resume).
+# Checkpoint and reward-curve steps coincide, so a resumed alignment measures the same curve points.
+MINI_SMOKE = (
+    "experiment=smoke",
+    "logger=csv",
+    "~compare.ipo",
+    "~compare.avg_dpo",
+    "~compare.avg_ipo",
+    "~compare.avg_copg",
+    "task.max_examples_per_split={sft: 32, preference: 24, offpolicy: 16, eval: 8}",
+    "stage.sft.epochs=2",
+    "stage.sft.batch_size=8",
+    "stage.sft.checkpoint_every_n_steps=2",
+    "stage.reward.checkpoint_every_n_steps=1",
+    "stage.align.batch_size=2",
+    "stage.align.checkpoint_every_n_steps=2",
+    "stage.align.curve_every_n_steps=2",
+    "stage.align.curve_prompts=2",
+    "stage.evaluate.n_prompts=8",
+)
+
+
+def mini_smoke_command(folder: Path, *overrides: str, run_dir: str = "hydra") -> list[str]:
+    """`pipelines/run.py` on the reduced smoke experiment, with its store and outputs in ``folder``."""
+    return [
+        sys.executable,
+        "pipelines/run.py",
+        *MINI_SMOKE,
+        f"paths.store={folder}/store",
+        f"paths.results_dir={folder}/results",
+        f"hydra.run.dir={folder}/{run_dir}",
+        *overrides,
+    ]
+
+
+def artifact_files(store: Path) -> dict[str, list[dict]]:
+    """Each completed artifact's files (path, size, sha256) as its manifest lists them, training logs
+    aside: two stores holding equal lists hold the same artifacts, bit for bit."""
+    artifacts = {}
+    for manifest in sorted(store.glob("*/*/manifest.json")):
+        files = json.loads(manifest.read_text())["files"]
+        name = f"{manifest.parent.parent.name}/{manifest.parent.name}"
+        artifacts[name] = [entry for entry in files if not entry["path"].startswith("logs/")]
+    return artifacts
+
+
+def completed(store: Store, stage: str) -> Artifact:
+    """The one completed artifact of ``stage`` in a store that ran a single configuration."""
+    (manifest,) = store.root.glob(f"{stage}/*/{MANIFEST}")
+    return store.load(stage, manifest.parent.name)
+
+
+def reuse_tokenizer(reference: Path, folder: Path) -> None:
+    """Copy the tokenizer the reference run extracted from the GGUF file into a new store: a cache,
+    not a stage artifact: the new run still computes every stage itself."""
+    shutil.copytree(reference / "store" / "models", folder / "store" / "models")
+
+
+# Where the pipeline is killed, one run each, in order: the store path whose appearance shows the run
+# got there. A stage folder appears when its compute starts, last.ckpt once a training step is saved.
+KILL_POINTS = (
+    "sft/*/checkpoints/last.ckpt",
+    "generate/*/",
+    "align/*/checkpoints/last.ckpt",
+)
+
+
+@dataclass
+class Attempt:
+    """One run of the pipeline on the store: the manifests before and after it, its log, and the path
+    (a checkpoint or a stage folder) whose appearance got it killed."""
+
+    before: dict[Path, int]
+    after: dict[Path, int]
+    log: str
+    killed_at: Path | None = None
+
+
+def manifest_times(store: Path) -> dict[Path, int]:
+    return {path: path.stat().st_mtime_ns for path in store.glob(f"*/*/{MANIFEST}")}
+
+
+def run_killed(folder: Path, attempt: int, pattern: str) -> tuple[str, Path]:
+    """Start the pipeline and SIGKILL it as soon as ``pattern`` exists in its store."""
+    log_file = folder / f"attempt{attempt}.log"
+    command = mini_smoke_command(folder, run_dir=f"hydra{attempt}")
+    with log_file.open("w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
+        while not (hits := sorted((folder / "store").glob(pattern))):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(
+                    f"attempt {attempt} ended before {pattern} appeared:\n{log_file.read_text()[-3000:]}"
+                )
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return log_file.read_text(), hits[0]
+
+
+def kill_and_finish(folder: Path) -> list[Attempt]:
+    """Run the pipeline into ``folder``, SIGKILLed at each of KILL_POINTS in turn, then to the end."""
+    store, attempts = folder / "store", []
+    for attempt, pattern in enumerate(KILL_POINTS):
+        before = manifest_times(store)
+        log, killed_at = run_killed(folder, attempt, pattern)
+        attempts.append(Attempt(before, manifest_times(store), log, killed_at))
+    before = manifest_times(store)
+    command = mini_smoke_command(folder, run_dir=f"hydra{len(KILL_POINTS)}")
+    final = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stderr[-3000:]
+    attempts.append(Attempt(before, manifest_times(store), final.stdout + final.stderr))
+    return attempts
+
+
+@pytest.fixture(scope="session")
+def mini_runs(tmp_path_factory) -> tuple[Path, Path, list[Attempt]]:
+    """The reduced smoke experiment twice, same seed, each in a store of its own: once uninterrupted,
+    once killed at each of KILL_POINTS and then run to the end. The two run side by side: their long
+    single-threaded stretches (imports, tokenising, generation loops) then share the two cores."""
+    reference, killed = tmp_path_factory.mktemp("mini_reference"), tmp_path_factory.mktemp("killed")
+    log_file = reference / "run.log"
+    with log_file.open("w") as log:
+        uninterrupted = subprocess.Popen(
+            mini_smoke_command(reference), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            attempts = kill_and_finish(killed)
+        finally:
+            code = uninterrupted.wait(timeout=900)
+    assert code == 0, log_file.read_text()[-3000:]
+    return reference, killed, attempts
+
+
+@pytest.fixture(scope="session")
+def mini_reference(mini_runs) -> Path:
+    """The uninterrupted run of the reduced smoke experiment (seed 0) that other runs are compared to."""
+    return mini_runs[0]
+
+
+@pytest.fixture(scope="session")
+def mini_killed_run(mini_runs) -> tuple[Path, list[Attempt]]:
+    """The killed and resumed run: the kill-and-resume tests check each attempt, the determinism tests
+    compare its results with the reference (one run serves both, to keep `make test` short)."""
+    return mini_runs[1], mini_runs[2]

@@ -202,7 +202,12 @@ class Store:
 
     @staticmethod
     def _file_list(folder: Path) -> list[dict[str, Any]]:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+        # A kill inside write_json_atomic can leave a temporary manifest behind: never list it.
+        files = sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}.")
+        )
         return [
             {"path": str(p.relative_to(folder)), "size": p.stat().st_size, "sha256": file_sha256(p)}
             for p in files

@@ -1,16 +1,38 @@
-"""Refuse bad configs before any compute, with one line that names the key."""
+"""Refuse bad configs before any compute and bad data before it is trained on, each with one line that
+names the key, or the split (or file) and row."""
 
+import importlib.metadata
+import importlib.util
+import json
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 from directalign.losses import LOSS_NAMES
+from directalign.tasks.base import EXAMPLE_COLUMNS, SPLITS
+
+if TYPE_CHECKING:
+    from directalign.tasks.base import Task
 
 STAGE_ORDER = ("sft", "reward", "generate", "align", "evaluate")
+TRAINING_STAGES = ("sft", "reward", "align")
+# Chat template, system prompt and instruction around the source: a generous bound, checked exactly
+# per prompt once the tokenizer has built them (check_prompt_lengths).
+TEMPLATE_TOKENS = 64
+# [CLS] source [SEP] completion [SEP]: what a reward model's text pair costs besides its two texts.
+PAIR_SPECIAL_TOKENS = 3
 
 
 class ConfigError(ValueError):
     """A config value that cannot work."""
+
+
+class DataError(ValueError):
+    """Input data a stage refuses; the message names the split (or file) and the row."""
 
 
 def methods_to_align(cfg: DictConfig) -> list[DictConfig]:
@@ -18,25 +40,111 @@ def methods_to_align(cfg: DictConfig) -> list[DictConfig]:
     return list(cfg.compare.values()) if cfg.compare else [cfg.method]
 
 
+def _number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ConfigError(f"{where}={value!r} must be a number")
+    return value
+
+
+def _positive(where: str, value: Any) -> None:
+    if not _number(where, value) > 0:
+        raise ConfigError(f"{where}={value} must be > 0")
+
+
+def _count(where: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
+        raise ConfigError(f"{where}={value!r} must be {allowed}")
+
+
+def _in_range(where: str, value: Any, low: float, high: float, open_low: bool = False) -> None:
+    value = _number(where, value)
+    if not (low < value <= high if open_low else low <= value <= high):
+        raise ConfigError(f"{where}={value} must lie in {'(' if open_low else '['}{low}, {high}]")
+
+
 def _check_method(where: str, method: DictConfig) -> None:
     if method.loss not in LOSS_NAMES:
         raise ConfigError(f"{where}.loss={method.loss!r} is not one of {', '.join(LOSS_NAMES)}")
-    if not method.beta > 0:
-        raise ConfigError(f"{where}.beta={method.beta} must be > 0")
-    if not 0.0 <= method.length_power <= 1.0:
-        raise ConfigError(f"{where}.length_power={method.length_power} must lie in [0, 1]")
+    _positive(f"{where}.beta", method.beta)
+    _in_range(f"{where}.length_power", method.length_power, 0.0, 1.0)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    stages = list(cfg.pipeline.stages)
-    if stages != list(STAGE_ORDER[: len(stages)]):
-        raise ConfigError(f"pipeline.stages={stages} must be a prefix of {list(STAGE_ORDER)}")
-    if cfg.compare:
-        for name, method in cfg.compare.items():
-            _check_method(f"compare.{name}", method)
-    else:
-        _check_method("method", cfg.method)
+def _installed_file(where: str, package: str, file: str) -> None:
+    try:
+        path = Path(importlib.metadata.distribution(package).locate_file(file))
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(f"{where}: package {package!r} is not installed (run `make install`)") from None
+    if not path.is_file():
+        raise ConfigError(f"{where}: {path} does not exist")
+
+
+def _importable(where: str, package: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"{where}: package {package!r} is not installed (run `make install`)")
+
+
+def _check_sources(cfg: DictConfig) -> None:
+    """Local models and packaged files exist (hub ids are only known once downloaded)."""
+    model = cfg.model
+    if model.source == "path" and not Path(model.path).is_dir():
+        raise ConfigError(f"model.path={model.path} does not exist")
+    if model.source == "gguf":
+        _installed_file("model", model.gguf_package, model.gguf_file)
+    if model.source == "random":
+        tokenizer = model.tokenizer
+        if tokenizer.source == "gguf":
+            _installed_file("model.tokenizer", tokenizer.gguf_package, tokenizer.gguf_file)
+        if tokenizer.source == "path" and not Path(tokenizer.path).is_dir():
+            raise ConfigError(f"model.tokenizer.path={tokenizer.path} does not exist")
+    reward_model = cfg.reward_model
+    if reward_model.source == "package":
+        _importable("reward_model", reward_model.package)
+    if reward_model.source == "random":
+        _importable("reward_model", reward_model.tokenizer_package)
+
+
+def context_length(model_cfg: DictConfig) -> int | None:
+    """The policy's number of positions where the config tells it without loading the model."""
+    positions = model_cfg.get("architecture", {}).get("max_position_embeddings")
+    config_file = Path(model_cfg.path) / "config.json" if model_cfg.source == "path" else None
+    if positions is None and config_file is not None and config_file.is_file():
+        positions = json.loads(config_file.read_text()).get("max_position_embeddings")
+    return positions
+
+
+def _check_lengths(cfg: DictConfig) -> None:
+    task = cfg.task
+    _count("task.max_completion_tokens", task.max_completion_tokens)
+    _count("task.max_source_tokens", task.max_source_tokens)
+    positions = context_length(cfg.model)
+    needed = task.max_source_tokens + task.max_completion_tokens + TEMPLATE_TOKENS
+    if positions is not None and needed > positions:
+        raise ConfigError(
+            f"task.max_source_tokens={task.max_source_tokens} + task.max_completion_tokens="
+            f"{task.max_completion_tokens} (+{TEMPLATE_TOKENS} for the template) exceeds the model's"
+            f" {positions} positions"
+        )
+    max_length = cfg.stage.reward.max_length
+    _count("stage.reward.max_length", max_length)
+    if max_length <= task.max_completion_tokens + PAIR_SPECIAL_TOKENS:
+        raise ConfigError(
+            f"stage.reward.max_length={max_length} leaves the reward model no room for a source next to"
+            f" a completion of task.max_completion_tokens={task.max_completion_tokens}"
+        )
+    rm_positions = cfg.reward_model.get("architecture", {}).get("max_position_embeddings")
+    if rm_positions is not None and max_length > rm_positions:
+        raise ConfigError(
+            f"stage.reward.max_length={max_length} exceeds reward_model.architecture.max_position_embeddings"
+            f"={rm_positions}"
+        )
+
+
+def _check_sampling(cfg: DictConfig) -> None:
     generate = cfg.stage.generate
+    _count("stage.generate.num_completions", generate.num_completions)
     if generate.num_completions * len(generate.temperatures) < 2:
         raise ConfigError(
             f"stage.generate.num_completions={generate.num_completions} x"
@@ -48,23 +156,93 @@ def validate_config(cfg: DictConfig) -> None:
         ("stage.evaluate.temperature", cfg.stage.evaluate.temperature),
         ("stage.reward.label_temperature", cfg.stage.reward.label_temperature),
     ]:
-        if not value > 0:
-            raise ConfigError(f"{where}={value} must be > 0")
-    if cfg.task.max_completion_tokens < 1:
-        raise ConfigError(
-            f"task.max_completion_tokens={cfg.task.max_completion_tokens} leaves no room for a completion"
-        )
-    if cfg.task.max_source_tokens < 1:
-        raise ConfigError(f"task.max_source_tokens={cfg.task.max_source_tokens} must be >= 1")
-    positions = cfg.model.get("architecture", {}).get("max_position_embeddings")
-    if positions is not None and cfg.task.max_source_tokens + cfg.task.max_completion_tokens + 64 > positions:
-        raise ConfigError(
-            f"task.max_source_tokens + task.max_completion_tokens (+64 for the template) exceeds"
-            f" model.architecture.max_position_embeddings={positions}"
-        )
-    if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
-        raise ConfigError(f"model.path={cfg.model.path} does not exist")
-    for stage in ("sft", "reward", "align"):
-        for key in ("lr", "batch_size", "epochs"):
-            if not cfg.stage[stage][key] > 0:
-                raise ConfigError(f"stage.{stage}.{key}={cfg.stage[stage][key]} must be > 0")
+        _positive(where, value)
+    for where, value in [
+        ("stage.generate.top_p", generate.top_p),
+        ("stage.reward.sampling.top_p", cfg.stage.reward.sampling.top_p),
+        ("stage.evaluate.top_p", cfg.stage.evaluate.top_p),
+    ]:
+        _in_range(where, value, 0.0, 1.0, open_low=True)
+
+
+def _check_stages(cfg: DictConfig) -> None:
+    stage = cfg.stage
+    for name in TRAINING_STAGES:
+        for key in ("lr", "epochs", "batch_size"):
+            _positive(f"stage.{name}.{key}", stage[name][key])
+        _count(f"stage.{name}.checkpoint_every_n_steps", stage[name].checkpoint_every_n_steps)
+    _in_range("stage.reward.validation_fraction", stage.reward.validation_fraction, 0.0, 1.0, open_low=True)
+    _count("stage.sft.max_examples", stage.sft.max_examples, optional=True)
+    _count("stage.reward.max_pairs", stage.reward.max_pairs, optional=True)
+    _count("stage.generate.max_prompts", stage.generate.max_prompts, optional=True)
+    _count("stage.align.curve_every_n_steps", stage.align.curve_every_n_steps)
+    _count("stage.align.curve_prompts", stage.align.curve_prompts)
+    _count("stage.evaluate.n_prompts", stage.evaluate.n_prompts)
+    for name in ("reward.sampling", "generate", "evaluate"):
+        _count(f"stage.{name}.batch_size", OmegaConf.select(cfg, f"stage.{name}.batch_size"))
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first value that cannot work; it reads no data and loads no model."""
+    stages = list(cfg.pipeline.stages)
+    if stages != list(STAGE_ORDER[: len(stages)]):
+        raise ConfigError(f"pipeline.stages={stages} must be a prefix of {list(STAGE_ORDER)}")
+    _count("seed", cfg.seed, minimum=0)
+    if cfg.compare:
+        for name, method in cfg.compare.items():
+            _check_method(f"compare.{name}", method)
+    else:
+        _check_method("method", cfg.method)
+    _check_sampling(cfg)
+    _check_lengths(cfg)
+    _check_stages(cfg)
+    _check_sources(cfg)
+
+
+def require_columns(where: str, columns: Sequence[str], required: Iterable[str]) -> None:
+    missing = [name for name in required if name not in columns]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; it has {list(columns)}")
+
+
+def check_task_data(task: "Task") -> None:
+    """Every split has the example columns and a non-empty source and reference in every row, and no id
+    appears twice, in one split or across splits (a shared id leaks training data into evaluation)."""
+    first_seen: dict[str, tuple[str, int]] = {}
+    for split in SPLITS:
+        where = f"task {task.cfg.name!r}, split {split!r}"
+        examples = task.examples(split)
+        require_columns(where, examples.column_names, EXAMPLE_COLUMNS)
+        rows = zip(examples["id"], examples["source"], examples["reference"], strict=True)
+        for row, (example_id, source, reference) in enumerate(rows):
+            for column, text in (("source", source), ("reference", reference)):
+                if not isinstance(text, str) or not text.strip():
+                    raise DataError(f"{where}, row {row} (id {example_id!r}): empty {column}")
+            if example_id in first_seen:
+                other_split, other_row = first_seen[example_id]
+                raise DataError(
+                    f"{where}, row {row}: id {example_id!r} is also row {other_row} of split {other_split!r}"
+                )
+            first_seen[example_id] = (split, row)
+
+
+def check_prompt_lengths(
+    where: str, prompt_ids: list[list[int]], ids: list[str], max_completion_tokens: int, positions: int | None
+) -> None:
+    """Each prompt, its source already cut to ``task.max_source_tokens``, must leave the model room for a
+    whole completion."""
+    if positions is None:
+        return
+    for row, prompt in enumerate(prompt_ids):
+        if len(prompt) + max_completion_tokens > positions:
+            raise DataError(
+                f"{where}, row {row} (id {ids[row]!r}): a prompt of {len(prompt)} tokens plus"
+                f" task.max_completion_tokens={max_completion_tokens} exceeds the model's {positions}"
+                " positions; lower task.max_source_tokens"
+            )
+
+
+def finite_mask(*scores: np.ndarray | None) -> np.ndarray:
+    """True where every given score array (None: absent) is finite."""
+    present = [np.asarray(s, dtype=np.float64) for s in scores if s is not None]
+    return np.logical_and.reduce([np.isfinite(s) for s in present])

@@ -71,7 +71,8 @@ class RewardCurve(Callback):
         log.info("reward curve: %s", point)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._measure(trainer, module)
+        if not self.points:  # a resumed run already holds its curve up to the checkpoint
+            self._measure(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0:

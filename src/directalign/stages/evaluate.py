@@ -12,6 +12,7 @@ from directalign.stages.context import StageContext, plain
 from directalign.stages.reward import REWARD_DIR
 from directalign.stages.sft import POLICY_DIR
 from directalign.store import Artifact
+from directalign.validation import DataError, check_prompt_lengths, finite_mask
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -29,8 +30,15 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact, policy: Artifact) ->
     def compute(folder):
         seed = ctx.seed(4)
         tokenizer = ctx.tokenizer
-        prompt_ids, examples, _ = ctx.prompts("eval", stage_cfg.n_prompts)
+        prompt_ids, examples, n_truncated = ctx.prompts("eval", stage_cfg.n_prompts)
         model = AutoModelForCausalLM.from_pretrained(policy.path / POLICY_DIR)
+        check_prompt_lengths(
+            f"task {cfg.task.name!r}, split 'eval'",
+            prompt_ids,
+            examples["id"],
+            cfg.task.max_completion_tokens,
+            getattr(model.config, "max_position_embeddings", None),
+        )
         samples, sample_logps = sample_completions(
             model,
             tokenizer,
@@ -50,6 +58,15 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact, policy: Artifact) ->
         proxy, gold = Scorer(reward.path / REWARD_DIR, cfg.stage.reward.max_length, ctx.task.gold_judge())(
             examples["source"], examples["reference"], texts
         )
+        # Every policy is scored on the same prompts, so a sample cannot be dropped: refuse instead.
+        broken = np.flatnonzero(~finite_mask(proxy, gold))
+        if broken.size:
+            row = int(broken[0])
+            raise DataError(
+                f"evaluate {policy.stage}/{policy.key}: non-finite reward (proxy {proxy[row]},"
+                f" gold {None if gold is None else gold[row]}) for row {row} (id {examples['id'][row]!r})"
+                f" of split 'eval', and {broken.size - 1} more"
+            )
         if policy.key == sft.key and policy.stage == sft.stage:
             logratio = np.zeros(len(completions))
         else:
@@ -81,6 +98,7 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact, policy: Artifact) ->
             "length_tokens": float(lengths.mean()),
             "kl_to_ref": float(logratio.mean()),
             "n_prompts": len(texts),
+            "n_truncated_sources": n_truncated,
         }
 
     return ctx.store.run("evaluate", config, [sft, reward, policy], compute)

@@ -6,8 +6,10 @@ never runs a reference model.
 """
 
 import logging
+import shutil
 
 import datasets
+import numpy as np
 from transformers import AutoModelForCausalLM
 
 from directalign.generation import sample_completions
@@ -16,6 +18,7 @@ from directalign.stages.context import StageContext, plain
 from directalign.stages.reward import REWARD_DIR
 from directalign.stages.sft import POLICY_DIR
 from directalign.store import Artifact
+from directalign.validation import DataError, check_prompt_lengths, finite_mask
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,13 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact) -> Artifact:
         tokenizer = ctx.tokenizer
         prompt_ids, examples, n_truncated = ctx.prompts("offpolicy", stage_cfg.max_prompts)
         policy = AutoModelForCausalLM.from_pretrained(sft.path / POLICY_DIR)
+        check_prompt_lengths(
+            f"task {cfg.task.name!r}, split 'offpolicy'",
+            prompt_ids,
+            examples["id"],
+            cfg.task.max_completion_tokens,
+            getattr(policy.config, "max_position_embeddings", None),
+        )
         per_prompt: list[list[list[int]]] = [[] for _ in prompt_ids]
         per_prompt_logps: list[list[list[float]]] = [[] for _ in prompt_ids]
         for i, temperature in enumerate(stage_cfg.temperatures):
@@ -51,51 +61,73 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact) -> Artifact:
             for index in range(len(prompt_ids)):
                 per_prompt[index].extend(samples[index])
                 per_prompt_logps[index].extend(sample_logps[index])
-        rows, n_empty = [], 0
-        for index, completions in enumerate(per_prompt):
-            texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
-            kept = [
-                (c, t, lp) for c, t, lp in zip(completions, texts, per_prompt_logps[index], strict=True) if t
-            ]
-            n_empty += len(completions) - len(kept)
-            if len(kept) >= 2:
-                rows.append((index, kept))
-        log.info("dropped %d empty completions; %d prompts keep >= 2 completions", n_empty, len(rows))
-        flat_completions = [c for _, kept in rows for c, _, _ in kept]
-        flat_texts = [t for _, kept in rows for _, t, _ in kept]
-        # The SFT policy sampled these completions, so its sampling logits are the reference log-probs.
-        ref_logps = [lp for _, kept in rows for _, _, lp in kept]
-        flat_sources = [examples["source"][i] for i, kept in rows for _ in kept]
-        flat_refs = [examples["reference"][i] for i, kept in rows for _ in kept]
+        # Empty completions are dropped before scoring, non-finite scores after it; a prompt needs two
+        # completions left to form a pair. Each drop is counted in the manifest.
+        texts = [
+            [tokenizer.decode(c, skip_special_tokens=True).strip() for c in group] for group in per_prompt
+        ]
+        candidates = [(index, k) for index, group in enumerate(texts) for k, text in enumerate(group) if text]
+        n_empty = sum(len(group) for group in per_prompt) - len(candidates)
+        if not candidates:
+            raise DataError("generate: every completion sampled for split 'offpolicy' is empty")
         scorer = Scorer(reward.path / REWARD_DIR, cfg.stage.reward.max_length, ctx.task.gold_judge())
-        proxy, gold = scorer(flat_sources, flat_refs, flat_texts)
-        table, cursor = [], 0
-        for index, kept in rows:
-            span = slice(cursor, cursor + len(kept))
-            cursor += len(kept)
+        proxy, gold = scorer(
+            [examples["source"][i] for i, _ in candidates],
+            [examples["reference"][i] for i, _ in candidates],
+            [texts[i][k] for i, k in candidates],
+        )
+        finite = finite_mask(proxy, gold)
+        n_nonfinite = int((~finite).sum())
+        kept: dict[int, list[int]] = {}
+        for position, (index, _) in enumerate(candidates):
+            if finite[position]:
+                kept.setdefault(index, []).append(position)
+        rows = [(index, positions) for index, positions in kept.items() if len(positions) >= 2]
+        n_alone = sum(len(positions) for positions in kept.values() if len(positions) < 2)
+        log.info(
+            "dropped %d empty and %d non-finite-reward completions; %d of %d prompts keep >= 2 completions",
+            n_empty,
+            n_nonfinite,
+            len(rows),
+            len(prompt_ids),
+        )
+        table = []
+        for index, positions in rows:
+            picks = [candidates[p][1] for p in positions]
             table.append(
                 {
                     "id": examples["id"][index],
                     "source": examples["source"][index],
                     "reference": examples["reference"][index],
                     "prompt_ids": prompt_ids[index],
-                    "completion_ids": flat_completions[span],
-                    "completion_text": flat_texts[span],
-                    "ref_logps": ref_logps[span],
-                    "reward": proxy[span].tolist(),
-                    "gold": gold[span].tolist() if gold is not None else None,
+                    "completion_ids": [per_prompt[index][k] for k in picks],
+                    "completion_text": [texts[index][k] for k in picks],
+                    # The SFT policy sampled these completions: its sampling logits are the reference.
+                    "ref_logps": [per_prompt_logps[index][k] for k in picks],
+                    "reward": proxy[positions].tolist(),
+                    "gold": gold[positions].tolist() if gold is not None else None,
                 }
             )
+        if not table:
+            raise DataError(
+                f"generate: no prompt of split 'offpolicy' kept 2 completions ({n_empty} empty,"
+                f" {n_nonfinite} with a non-finite reward)"
+            )
+        shutil.rmtree(folder / DATA_DIR, ignore_errors=True)
         datasets.Dataset.from_list(table).save_to_disk(folder / DATA_DIR)
-        lengths = [len(c) for c in flat_completions]
+        lengths = [len(c) for row in table for c in row["completion_ids"]]
+        rewards = [r for row in table for r in row["reward"]]
+        golds = [g for row in table for g in row["gold"]] if gold is not None else None
         return {
             "n_prompts": len(table),
-            "n_completions": len(flat_completions),
+            "n_completions": len(lengths),
             "n_empty_dropped": n_empty,
+            "n_nonfinite_dropped": n_nonfinite,
+            "n_unpaired_dropped": n_alone,
             "n_truncated_sources": n_truncated,
-            "mean_length_tokens": sum(lengths) / max(len(lengths), 1),
-            "mean_reward": float(proxy.mean()),
-            "mean_gold": float(gold.mean()) if gold is not None else None,
+            "mean_length_tokens": float(np.mean(lengths)),
+            "mean_reward": float(np.mean(rewards)),
+            "mean_gold": float(np.mean(golds)) if golds is not None else None,
         }
 
     return ctx.store.run("generate", config, [sft, reward], compute)

@@ -9,11 +9,15 @@ from directalign.prompts import completion_ids
 from directalign.stages.context import StageContext, plain
 from directalign.store import Artifact
 from directalign.training import build_trainer, finish_wandb, resume_checkpoint
+from directalign.validation import check_prompt_lengths, check_task_data
 
 POLICY_DIR = "model"
 
 
 def run(ctx: StageContext) -> Artifact:
+    """The fine-tuned policy. SFT is every pipeline's first stage, so it checks all of the task's
+    splits here, once, before any compute (and even when every stage is reused)."""
+    check_task_data(ctx.task)
     cfg, stage_cfg = ctx.cfg, ctx.cfg.stage.sft
     # The gold judge plays no part in SFT: changing it must not invalidate the policy.
     task_key = {k: v for k, v in ctx.task_key.items() if k != "gold"}
@@ -36,7 +40,15 @@ def run(ctx: StageContext) -> Artifact:
                 [p for p, _ in rows], [c for _, c in rows], tokenizer.pad_token_id
             ),
         )
-        model = with_lora(build_policy(cfg.model, ctx.store.root, len(tokenizer), seed), stage_cfg.lora)
+        model = build_policy(cfg.model, ctx.store.root, len(tokenizer), seed)
+        check_prompt_lengths(
+            f"task {cfg.task.name!r}, split 'sft'",
+            prompt_ids,
+            examples["id"],
+            cfg.task.max_completion_tokens,
+            getattr(model.config, "max_position_embeddings", None),
+        )
+        model = with_lora(model, stage_cfg.lora)
         trainer = build_trainer(cfg, stage_cfg, folder, "sft", {"stage": "sft", "model": cfg.model.name})
         trainer.fit(
             SFTModule(model, stage_cfg), train_dataloaders=loader, ckpt_path=resume_checkpoint(folder)

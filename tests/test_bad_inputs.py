@@ -1,0 +1,381 @@
+"""Every bad input tried, and what the pipeline must do with it: refuse it with one line naming the key
+(configs) or the split and row (data), or drop it and count it in the stage's manifest; never silently.
+
+| bad input                             | caught by                     | outcome                         |
+| ------------------------------------- | ----------------------------- | ------------------------------- |
+| each row of CONFIG_ERRORS             | validate_config               | ConfigError naming the key      |
+| each row of SPLIT_ERRORS              | check_task_data (in sft.run)  | DataError: split, row, id       |
+| prompt longer than the model context  | check_prompt_lengths          | DataError: split, row, id       |
+| human pairs lacking a column          | reward.human_preferences      | DataError naming the column     |
+| human pair empty or identical         | reward.human_preferences      | dropped, counted                |
+| gold score NaN for a simulated pair   | reward.simulated_preferences  | dropped, counted                |
+| reward NaN or inf for a sample        | generate stage                | dropped, counted in manifest    |
+| reward NaN at evaluation              | evaluate stage                | DataError: policy, row, id      |
+| NaN or inf training loss              | TrainModule.on_before_backward| FloatingPointError, ckpt kept   |
+| artifact file changed or cut short    | Store.load                    | CorruptArtifactError naming it  |
+| disk full while writing a manifest    | Store.run                     | no manifest, no temporary file  |
+| truncated last.ckpt (test_resume.py)  | resume_checkpoint             | removed, stage starts over      |
+"""
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from directalign.lit.base import TrainModule
+from directalign.stages import evaluate, generate, reward
+from directalign.stages.context import StageContext
+from directalign.store import CorruptArtifactError, Store, stage_key
+from directalign.tasks import build_task
+from directalign.tasks.base import SPLITS, Task
+from directalign.training import CHECKPOINT_DIR, LAST_CHECKPOINT, build_trainer
+from directalign.validation import (
+    ConfigError,
+    DataError,
+    check_prompt_lengths,
+    check_task_data,
+    validate_config,
+)
+from tests.conftest import MINI_SMOKE, ROOT, completed, compose_config, reuse_tokenizer
+
+CONFIG_ERRORS = [
+    pytest.param(["method.beta=0"], r"^method\.beta=0 must be > 0$", id="beta-zero"),
+    pytest.param(["method.beta=-0.1"], r"^method\.beta=-0\.1 must be > 0$", id="beta-negative"),
+    pytest.param(["method.beta=abc"], r"^method\.beta='abc' must be a number$", id="beta-not-a-number"),
+    pytest.param(
+        ["experiment=smoke", "compare.copg.beta=0"], r"^compare\.copg\.beta=0 must be > 0$", id="compare-beta"
+    ),
+    pytest.param(
+        ["method.length_power=1.5"],
+        r"^method\.length_power=1\.5 must lie in \[0\.0, 1\.0\]$",
+        id="power-over-1",
+    ),
+    pytest.param(
+        ["method.length_power=-0.5"],
+        r"^method\.length_power=-0\.5 must lie in \[0\.0, 1\.0\]$",
+        id="power-below-0",
+    ),
+    pytest.param(
+        ["method.loss=kto"], r"^method\.loss='kto' is not one of dpo, ipo, copg$", id="unknown-loss"
+    ),
+    pytest.param(
+        ["stage.generate.temperatures=[1.0,0.0]"],
+        r"^stage\.generate\.temperatures\[1\]=0\.0 must be > 0$",
+        id="generate-temperature",
+    ),
+    pytest.param(
+        ["stage.evaluate.temperature=-1"],
+        r"^stage\.evaluate\.temperature=-1 must be > 0$",
+        id="eval-temperature",
+    ),
+    pytest.param(
+        ["stage.reward.sampling.temperature=0"],
+        r"^stage\.reward\.sampling\.temperature=0 must be > 0$",
+        id="preference-temperature",
+    ),
+    pytest.param(
+        ["stage.reward.label_temperature=0"],
+        r"^stage\.reward\.label_temperature=0 must be > 0$",
+        id="label-temperature",
+    ),
+    pytest.param(
+        ["stage.generate.top_p=0"], r"^stage\.generate\.top_p=0 must lie in \(0\.0, 1\.0\]$", id="top-p"
+    ),
+    pytest.param(
+        ["stage.generate.num_completions=1"],
+        r"^stage\.generate\.num_completions=1 x 1 temperatures gives fewer than 2 completions per prompt$",
+        id="one-completion",
+    ),
+    pytest.param(
+        ["stage.generate.num_completions=0"],
+        r"^stage\.generate\.num_completions=0 must be an integer >= 1$",
+        id="no-completion",
+    ),
+    pytest.param(
+        ["task.max_completion_tokens=0"],
+        r"^task\.max_completion_tokens=0 must be an integer >= 1$",
+        id="no-completion-tokens",
+    ),
+    pytest.param(
+        ["experiment=smoke", "task.max_source_tokens=450"],
+        r"^task\.max_source_tokens=450 \+ task\.max_completion_tokens=16 \(\+64 for the template\) exceeds"
+        r" the model's 512 positions$",
+        id="no-room-in-context",
+    ),
+    pytest.param(
+        ["stage.reward.max_length=24"],
+        r"^stage\.reward\.max_length=24 leaves the reward model no room for a source next to a completion"
+        r" of task\.max_completion_tokens=24$",
+        id="no-room-in-reward-model",
+    ),
+    pytest.param(
+        ["model.source=path", "+model.path=/no/such/model"],
+        r"^model\.path=/no/such/model does not exist$",
+        id="model-path",
+    ),
+    pytest.param(
+        ["model.gguf_package=no-such-package"],
+        r"^model: package 'no-such-package' is not installed \(run `make install`\)$",
+        id="model-package",
+    ),
+    pytest.param(
+        ["pipeline.stages=[sft,generate]"],
+        r"^pipeline\.stages=\['sft', 'generate'\] must be a prefix of \['sft', 'reward', 'generate', 'align',"
+        r" 'evaluate'\]$",
+        id="stage-order",
+    ),
+    pytest.param(["seed=-1"], r"^seed=-1 must be an integer >= 0$", id="seed"),
+    pytest.param(["stage.sft.lr=0"], r"^stage\.sft\.lr=0 must be > 0$", id="learning-rate"),
+    pytest.param(
+        ["stage.align.checkpoint_every_n_steps=0"],
+        r"^stage\.align\.checkpoint_every_n_steps=0 must be an integer >= 1$",
+        id="checkpoint-interval",
+    ),
+    pytest.param(
+        ["stage.reward.validation_fraction=1.5"],
+        r"^stage\.reward\.validation_fraction=1\.5 must lie in \(0\.0, 1\.0\]$",
+        id="validation-fraction",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), CONFIG_ERRORS)
+def test_bad_config_is_refused_in_one_line_naming_the_key(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config(overrides, tmp_path))
+
+
+def test_cli_prints_the_error_line_not_a_traceback(tmp_path):
+    command = [sys.executable, "pipelines/run.py", "experiment=smoke", "compare.dpo.beta=0"]
+    command.append(f"hydra.run.dir={tmp_path}")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "directalign: compare.dpo.beta=0 must be > 0"
+
+
+def example_rows(split: str, n: int = 2) -> list[dict[str, str | None]]:
+    return [{"id": f"{split}{i}", "source": f"article {i}", "reference": f"headline {i}"} for i in range(n)]
+
+
+class TableTask(Task):
+    """A task whose splits (and human pairs) are the rows given: the smallest input for the data checks."""
+
+    def __init__(self, splits: dict[str, list[dict]] | None = None, pairs: list[dict] | None = None):
+        super().__init__(OmegaConf.create({"name": "table"}), Path("."))
+        self.splits = {split: example_rows(split) for split in SPLITS} | (splits or {})
+        self.pairs = pairs
+
+    def examples(self, split: str) -> datasets.Dataset:
+        return datasets.Dataset.from_list(self.splits[split])
+
+    def human_preferences(self) -> datasets.Dataset | None:
+        return datasets.Dataset.from_list(self.pairs) if self.pairs is not None else None
+
+
+SPLIT_ERRORS = [
+    pytest.param(
+        {"sft": [{"id": "sft0", "source": "article"}]},
+        r"^task 'table', split 'sft': missing column\(s\) \['reference'\]; it has \['id', 'source'\]$",
+        id="missing-column",
+    ),
+    pytest.param(
+        {"sft": [*example_rows("sft"), {"id": "x", "source": "  ", "reference": "headline"}]},
+        r"^task 'table', split 'sft', row 2 \(id 'x'\): empty source$",
+        id="empty-source",
+    ),
+    pytest.param(
+        {"offpolicy": [{"id": "x", "source": None, "reference": "headline"}]},
+        r"^task 'table', split 'offpolicy', row 0 \(id 'x'\): empty source$",
+        id="null-source",
+    ),
+    pytest.param(
+        {"eval": [{"id": "x", "source": "article", "reference": ""}]},
+        r"^task 'table', split 'eval', row 0 \(id 'x'\): empty reference$",
+        id="empty-reference",
+    ),
+    pytest.param(
+        {"eval": [{"id": "sft1", "source": "article", "reference": "headline"}]},
+        r"^task 'table', split 'eval', row 0: id 'sft1' is also row 1 of split 'sft'$",
+        id="id-in-two-splits",
+    ),
+    pytest.param(
+        {"preference": [*example_rows("preference"), *example_rows("preference", 1)]},
+        r"^task 'table', split 'preference', row 2: id 'preference0' is also row 0 of split 'preference'$",
+        id="id-twice-in-a-split",
+    ),
+]
+
+
+@pytest.mark.parametrize(("splits", "message"), SPLIT_ERRORS)
+def test_bad_task_data_is_refused_naming_split_and_row(splits, message):
+    with pytest.raises(DataError, match=message):
+        check_task_data(TableTask(splits))
+
+
+def test_clean_task_data_passes():
+    check_task_data(TableTask())
+
+
+def test_prompt_over_the_context_is_refused_naming_the_row():
+    prompts, ids = [[1] * 10, [1] * 500], ["eval0", "eval1"]
+    with pytest.raises(
+        DataError, match=r"^task 'table', split 'eval', row 1 \(id 'eval1'\): a prompt of 500"
+    ):
+        check_prompt_lengths("task 'table', split 'eval'", prompts, ids, 24, 512)
+    check_prompt_lengths("task 'table', split 'eval'", prompts, ids, 12, 512)
+
+
+def preference_context(task: Task) -> SimpleNamespace:
+    cfg = OmegaConf.create({"task": {"name": "table"}, "stage": {"reward": {"max_pairs": None}}})
+    return SimpleNamespace(task=task, cfg=cfg)
+
+
+def test_human_pairs_without_a_column_are_refused():
+    pairs = [{"id": "p0", "source": "article", "chosen": "good headline"}]
+    with pytest.raises(DataError, match=r"preference pairs: missing column\(s\) \['rejected'\]"):
+        reward.human_preferences(preference_context(TableTask(pairs=pairs)))
+
+
+def test_empty_or_identical_human_pairs_are_dropped_and_counted():
+    pairs = [
+        {"id": "p0", "source": "article", "chosen": "good headline", "rejected": "bad headline"},
+        {"id": "p1", "source": "article", "chosen": " ", "rejected": "bad headline"},
+        {"id": "p2", "source": "article", "chosen": "same", "rejected": "same"},
+        {"id": "p3", "source": "", "chosen": "good headline", "rejected": "bad headline"},
+    ]
+    kept = reward.human_preferences(preference_context(TableTask(pairs=pairs)))
+    assert kept["chosen"] == ["good headline"] and kept["dropped"] == {"empty_or_identical": 3}
+
+
+class NonFiniteScorer:
+    """Builds a stage's Scorer, then spoils its proxy rewards: NaN at completions 0, 5, 10..., inf at
+    completions 2, 7, 12..."""
+
+    def __init__(self, scorer_class):
+        self.scorer_class = scorer_class
+
+    def __call__(self, *args, **kwargs):
+        scorer = self.scorer_class(*args, **kwargs)
+
+        def score(sources, references, completions):
+            proxy, gold = scorer(sources, references, completions)
+            proxy = proxy.copy()
+            proxy[::5], proxy[2::5] = float("nan"), float("inf")
+            return proxy, gold
+
+        return score
+
+
+@pytest.fixture
+def mini_context(mini_reference, tmp_path) -> tuple[StageContext, Store]:
+    """A context on the reduced smoke config with an empty store, and the reference run's store."""
+    reuse_tokenizer(mini_reference, tmp_path)
+    cfg = compose_config(list(MINI_SMOKE), tmp_path)
+    store = Store(cfg.paths.store)
+    ctx = StageContext(cfg, store, build_task(cfg.task, store.root / "tasks" / cfg.task.name))
+    return ctx, Store(mini_reference / "store")
+
+
+@pytest.mark.slow
+def test_nonfinite_rewards_of_samples_are_dropped_and_counted(mini_context, monkeypatch):
+    ctx, reference = mini_context
+    monkeypatch.setattr(generate, "Scorer", NonFiniteScorer(generate.Scorer))
+    artifact = generate.run(ctx, completed(reference, "sft"), completed(reference, "reward"))
+    n_sampled = len(ctx.task.examples("offpolicy")) * ctx.cfg.stage.generate.num_completions
+    n_scored = n_sampled - artifact.metrics["n_empty_dropped"]
+    assert artifact.metrics["n_nonfinite_dropped"] == len(range(0, n_scored, 5)) + len(range(2, n_scored, 5))
+    table = datasets.load_from_disk(str(artifact.path / generate.DATA_DIR))
+    assert np.isfinite([r for rewards in table["reward"] for r in rewards]).all()
+
+
+@pytest.mark.slow
+def test_nonfinite_reward_at_evaluation_is_refused_naming_the_row(mini_context, monkeypatch):
+    ctx, reference = mini_context
+    monkeypatch.setattr(evaluate, "Scorer", NonFiniteScorer(evaluate.Scorer))
+    sft, reward_model = completed(reference, "sft"), completed(reference, "reward")
+    with pytest.raises(
+        DataError,
+        match=r"non-finite reward \(proxy nan, gold .*\) for row 0 \(id '.*'\) of split 'eval', and 3 more$",
+    ):
+        evaluate.run(ctx, sft, reward_model, sft)
+
+
+@pytest.mark.slow
+def test_nonfinite_gold_scores_of_simulated_pairs_are_dropped_and_counted(mini_context, monkeypatch):
+    ctx, reference = mini_context
+    judge = ctx.task.gold_judge()
+
+    def score(sources, references, completions):
+        scores = judge.score(sources, references, completions)
+        scores[0] = float("nan")
+        return scores
+
+    monkeypatch.setattr(ctx.task, "gold_judge", lambda: SimpleNamespace(score=score))
+    pairs = reward.simulated_preferences(ctx, completed(reference, "sft"), seed=1)
+    assert pairs["dropped"]["nonfinite_gold"] == 1
+    assert np.isfinite(pairs["gold_margin"]).all()
+
+
+class ExplodingRegression(TrainModule):
+    """A regression whose loss turns non-finite at one step."""
+
+    def __init__(self, bad_step: int, value: float):
+        torch.manual_seed(0)
+        stage = OmegaConf.create(
+            {"epochs": 1, "lr": 0.01, "weight_decay": 0.0, "scheduler": "constant", "warmup_ratio": 0.0}
+        )
+        super().__init__(torch.nn.Linear(2, 1), stage)
+        self.bad_step, self.value = bad_step, value
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = (self.model(batch) ** 2).mean()
+        return loss * self.value if self.global_step == self.bad_step else loss
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, value):
+    cfg = compose_config(["logger=none"], tmp_path)
+    stage = OmegaConf.create({"epochs": 1, "checkpoint_every_n_steps": 1})
+    trainer = build_trainer(cfg, stage, tmp_path, "test", {}, enable_progress_bar=False)
+    with pytest.raises(
+        FloatingPointError, match=r"^non-finite training loss \((nan|inf)\) at step 3, epoch 0:"
+    ):
+        trainer.fit(
+            ExplodingRegression(3, value), train_dataloaders=DataLoader(torch.ones(8, 2), batch_size=1)
+        )
+    checkpoint = torch.load(tmp_path / CHECKPOINT_DIR / LAST_CHECKPOINT, weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert all(torch.isfinite(weight).all() for weight in checkpoint["state_dict"].values())
+
+
+def test_changed_or_truncated_artifact_is_refused_naming_the_file(tmp_path):
+    store = Store(tmp_path)
+    artifact = store.run("sft", {}, [], lambda folder: (folder / "weights.bin").write_bytes(b"1234") and {})
+    (artifact.path / "weights.bin").write_bytes(b"12")
+    with pytest.raises(CorruptArtifactError, match=r"weights\.bin does not match .*manifest\.json"):
+        store.load("sft", artifact.key)
+
+
+def test_disk_full_while_writing_a_manifest_leaves_nothing_to_trust(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        store.run("sft", {}, [], lambda folder: (folder / "weights.bin").write_bytes(b"1234") and {})
+    monkeypatch.undo()
+    folder = store.path("sft", stage_key("sft", {}, []))
+    assert sorted(p.name for p in folder.iterdir()) == ["weights.bin"]
+    assert store.run("sft", {}, [], lambda folder: {}).path == folder
