@@ -8,7 +8,14 @@ import pytest
 
 from directalign.pipeline import run_pipeline
 from directalign.tasks import build_task
-from directalign.validation import ConfigError, check_task_data, context_length, finite_mask, validate_config
+from directalign.validation import (
+    ConfigError,
+    check_task_data,
+    context_length,
+    finite_mask,
+    methods_to_align,
+    validate_config,
+)
 from tests.conftest import CONF, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -16,7 +23,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_is_valid(experiment, tmp_path):
-    validate_config(compose_config([f"experiment={experiment}"], tmp_path))
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    validate_config(cfg)  # raises ConfigError on a refused value
+    assert all(method.beta > 0 for method in methods_to_align(cfg))
 
 
 def test_a_bad_config_fails_before_the_store_or_the_task_is_touched(tmp_path):
