@@ -83,8 +83,19 @@ def summary_rows(results: list[PolicyResult], seed: int) -> list[dict[str, Any]]
     return rows
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def format_cell(value: Any) -> str:
+    """A markdown table cell: floats to 4 significant digits, None empty."""
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
+def save_figure(fig: plt.Figure, title: str, path: Path) -> None:
+    """Title, lay out, write at a fixed resolution and free the figure (plots run in long sweeps)."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
@@ -93,7 +104,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in SUMMARY_COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(row[c]) for c in SUMMARY_COLUMNS) + " |" for row in rows]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -120,10 +131,7 @@ def _scatter(results: list[PolicyResult], x_key: str, x_label: str, path: Path, 
         ax.set_xlabel(x_label)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def plot_curves(results: list[PolicyResult], path: Path) -> None:
@@ -143,10 +151,7 @@ def plot_curves(results: list[PolicyResult], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Reward of greedy samples on held-out prompts during alignment")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, "Reward of greedy samples on held-out prompts during alignment", path)
 
 
 def write_samples(results: list[PolicyResult], examples: dict[str, list], out: Path, n: int) -> None:

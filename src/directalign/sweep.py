@@ -11,7 +11,6 @@ beta, for the proxy reward model and the gold judge. Hydra runs it when a multir
 import csv
 import json
 import logging
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import matplotlib
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from directalign.report import CURVES_FILE, SUMMARY_COLUMNS
+from directalign.report import CURVES_FILE, SUMMARY_COLUMNS, format_cell, save_figure
 from directalign.store import is_rank_zero
 
 matplotlib.use("Agg")
@@ -123,10 +122,7 @@ def plot_reward_vs_beta(
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Final reward and length of generations against beta")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, "Final reward and length of generations against beta", path)
 
 
 def plot_best_curves(best: dict[str, dict[str, Any]], path: Path) -> None:
@@ -142,16 +138,7 @@ def plot_best_curves(best: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Reward during alignment at each method's best beta")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+    save_figure(fig, "Reward during alignment at each method's best beta", path)
 
 
 def write_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path | None:
@@ -184,7 +171,7 @@ def write_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path | None:
         "",
         "| " + " | ".join(SWEEP_COLUMNS) + " |",
         "|" + "---|" * len(SWEEP_COLUMNS),
-        *("| " + " | ".join(_fmt(r[c]) for c in SWEEP_COLUMNS) + " |" for r in rows),
+        *("| " + " | ".join(format_cell(r[c]) for c in SWEEP_COLUMNS) + " |" for r in rows),
         "",
         "![reward vs beta](reward_vs_beta.png)",
         "",
