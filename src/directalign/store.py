@@ -5,9 +5,10 @@ and its upstream keys. A stage is complete only once its ``manifest.json`` (conf
 metrics, files with sizes and hashes) has been written atomically as the very last step, so a
 killed stage leaves no manifest and is redone, resuming from whatever checkpoint it left.
 
-Under data-parallel training every rank runs the same pipeline, but only rank 0 locks, computes
-alone and writes manifests. Other ranks never write: they join the computation of the stages that
-train (``trainer.fit`` needs every rank) and otherwise wait for rank 0's manifest.
+Under data-parallel training every rank runs the same pipeline, but only rank 0 locks and writes
+manifests. Other ranks never write: they join the computation of the stages that train
+(``trainer.fit`` needs every rank) and, once a process group exists, of the stages that shard their
+prompts across ranks; otherwise they wait for rank 0's manifest.
 """
 
 import hashlib
@@ -24,12 +25,16 @@ from typing import Any
 
 from filelock import FileLock
 
+from directalign.distributed import broadcast_from_rank_zero, world
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 16
 # The stages whose compute calls ``trainer.fit``, which every data-parallel rank must join.
 COLLECTIVE_STAGES = ("sft", "reward", "align")
+# The stages that split their prompts across the ranks of a process group (``distributed.py``).
+SHARDED_STAGES = ("generate", "evaluate")
 # How long a non-zero rank waits for rank 0 to finish a stage (generation can take hours).
 RANK_WAIT_TIMEOUT_S = 24 * 3600.0
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
@@ -103,12 +108,14 @@ class Store:
         root: str | Path,
         scratch_dirs: Sequence[str] = ("checkpoints",),
         collective_stages: Sequence[str] = COLLECTIVE_STAGES,
+        sharded_stages: Sequence[str] = SHARDED_STAGES,
         wait_timeout_s: float = RANK_WAIT_TIMEOUT_S,
         poll_interval_s: float = 2.0,
     ):
         self.root = Path(root)
         self.scratch_dirs = tuple(scratch_dirs)
         self.collective_stages = tuple(collective_stages)
+        self.sharded_stages = tuple(sharded_stages)
         self.wait_timeout_s = wait_timeout_s
         self.poll_interval_s = poll_interval_s
 
@@ -146,8 +153,10 @@ class Store:
         ``compute(folder)`` writes the stage's files into ``folder`` and returns its metrics.
         Concurrent jobs needing the same artifact serialise on a file lock: one computes, the
         others wait and then load it. A non-zero data-parallel rank takes no lock (rank 0 holds it
-        through ``trainer.fit``, which this rank must join): it runs ``compute`` only for collective
-        stages, where the stage itself saves on rank 0 alone, and then waits for rank 0's manifest.
+        through ``trainer.fit``, which this rank must join): it runs ``compute`` only for the stages it
+        must join, where the stage itself saves on rank 0 alone, and then waits for rank 0's manifest.
+        Once a process group exists, rank 0 tells the others whether it computes or reuses, so no rank
+        enters a collective that rank 0 skips (another job may have finished the artifact meanwhile).
         """
         key = stage_key(stage, config, upstream)
         folder = self.path(stage, key)
@@ -156,6 +165,7 @@ class Store:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
             done = self.load(stage, key)
+            broadcast_from_rank_zero(done is None)
             if done is not None:
                 log.info("%s: reusing %s", stage, folder)
                 return done
@@ -175,10 +185,11 @@ class Store:
             return Artifact(stage, key, folder, manifest)
 
     def _follow_rank_zero(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> Artifact:
-        done = self.load(stage, key)
-        if done is not None:
-            return done
-        if stage in self.collective_stages:
+        grouped = world()[1] > 1
+        # Without a group yet, rank 0 is computing (or about to) unless the artifact is complete.
+        rank_zero_computes = broadcast_from_rank_zero(None) if grouped else self.load(stage, key) is None
+        joins = stage in self.collective_stages or (grouped and stage in self.sharded_stages)
+        if rank_zero_computes and joins:
             compute(self.path(stage, key))
         return self.wait_for(stage, key)
 

@@ -1,0 +1,50 @@
+"""Data-parallel helpers for the stages that sample: shard prompts across ranks, gather results.
+
+They act only once a process group exists (Lightning creates it at the first ``trainer.fit`` and
+keeps it for the rest of the process); before that, or in a single process, they are no-ops, so a
+stage computes the same thing in a plain run and on every rank of a data-parallel one.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch.distributed as dist
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the current process group, or (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(n_items: int, rank: int, world_size: int) -> range:
+    """The strided shard of ``n_items`` that ``rank`` handles: every rank gets the same mix of lengths."""
+    return range(rank, n_items, world_size)
+
+
+def map_sharded(items: Sequence[Item], compute: Callable[[list[Item]], list[Result]]) -> list[Result]:
+    """``compute(items)`` with each rank computing one shard; every rank gets all results, in order."""
+    rank, world_size = world()
+    if world_size == 1:
+        return compute(list(items))
+    local = compute([items[i] for i in shard(len(items), rank, world_size)])
+    gathered: list[list[Result] | None] = [None] * world_size
+    dist.all_gather_object(gathered, local)
+    results: list[Result | None] = [None] * len(items)
+    for source_rank, part in enumerate(gathered):
+        for index, value in zip(shard(len(items), source_rank, world_size), part, strict=True):
+            results[index] = value
+    return results
+
+
+def broadcast_from_rank_zero(value: Item) -> Item:
+    """Rank 0's ``value`` on every rank (the others pass a placeholder); identity without a group."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
