@@ -1,11 +1,13 @@
 """What every stage receives: the composed config, the store, the task, and shared helpers."""
 
 import logging
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
@@ -36,11 +38,22 @@ class StageContext:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return load_tokenizer(self.cfg.model, self.store.root)
 
-    def prompts(self, split: str, limit: int | None) -> tuple[list[list[int]], dict[str, list], int]:
-        """Prompt ids and the examples of a split (first ``limit``), sources truncated to budget."""
+    @cached_property
+    def device(self) -> torch.device:
+        """Where the stages sample and score outside ``trainer.fit``: this rank's GPU whenever the
+        trainer may use one (``accelerator`` gpu, cuda or auto) and one is visible, else the CPU."""
+        if self.cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+
+    def prompts(
+        self, split: str, limit: int | None, offset: int = 0
+    ) -> tuple[list[list[int]], dict[str, list], int]:
+        """Prompt ids and the examples of a split (``limit`` of them from ``offset``), sources
+        truncated to budget."""
         examples = self.task.examples(split)
-        if limit is not None:
-            examples = examples.select(range(min(limit, len(examples))))
+        end = len(examples) if limit is None else min(offset + limit, len(examples))
+        examples = examples.select(range(min(offset, end), end))
         prompt_ids, sources, n_truncated = build_prompts(
             self.task,
             self.tokenizer,
