@@ -18,6 +18,7 @@
 """
 
 import errno
+import importlib.util
 import os
 import subprocess
 import sys
@@ -89,6 +90,17 @@ CONFIG_ERRORS = [
     ),
     pytest.param(
         ["stage.generate.top_p=0"], r"^stage\.generate\.top_p=0 must lie in \(0\.0, 1\.0\]$", id="top-p"
+    ),
+    pytest.param(
+        ["stage.generate.backend=sglang"],
+        r"^stage\.generate\.backend='sglang' must be one of \['hf', 'vllm'\]$",
+        id="backend",
+    ),
+    pytest.param(
+        ["stage.generate.backend=vllm"],
+        r"^stage\.generate\.backend='vllm' needs the vllm package \(pip install vllm\), not installed here$",
+        id="vllm-missing",
+        marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed"),
     ),
     pytest.param(
         ["stage.generate.num_completions=1"],
@@ -257,23 +269,18 @@ def test_empty_or_identical_human_pairs_are_dropped_and_counted():
     assert kept["chosen"] == ["good headline"] and kept["dropped"] == {"empty_or_identical": 3}
 
 
-class NonFiniteScorer:
-    """Builds a stage's Scorer, then spoils its proxy rewards: NaN at completions 0, 5, 10..., inf at
+def non_finite_scorer(scorer_class):
+    """A stage's Scorer whose proxy rewards are spoiled: NaN at completions 0, 5, 10..., inf at
     completions 2, 7, 12..."""
 
-    def __init__(self, scorer_class):
-        self.scorer_class = scorer_class
-
-    def __call__(self, *args, **kwargs):
-        scorer = self.scorer_class(*args, **kwargs)
-
-        def score(sources, references, completions):
-            proxy, gold = scorer(sources, references, completions)
+    class NonFiniteScorer(scorer_class):
+        def __call__(self, sources, references, completions):
+            proxy, gold = super().__call__(sources, references, completions)
             proxy = proxy.copy()
             proxy[::5], proxy[2::5] = float("nan"), float("inf")
             return proxy, gold
 
-        return score
+    return NonFiniteScorer
 
 
 @pytest.fixture
@@ -289,7 +296,7 @@ def mini_context(mini_reference, tmp_path) -> tuple[StageContext, Store]:
 @pytest.mark.slow
 def test_nonfinite_rewards_of_samples_are_dropped_and_counted(mini_context, monkeypatch):
     ctx, reference = mini_context
-    monkeypatch.setattr(generate, "Scorer", NonFiniteScorer(generate.Scorer))
+    monkeypatch.setattr(generate, "Scorer", non_finite_scorer(generate.Scorer))
     artifact = generate.run(ctx, completed(reference, "sft"), completed(reference, "reward"))
     n_sampled = len(ctx.task.examples("offpolicy")) * ctx.cfg.stage.generate.num_completions
     n_scored = n_sampled - artifact.metrics["n_empty_dropped"]
@@ -301,7 +308,7 @@ def test_nonfinite_rewards_of_samples_are_dropped_and_counted(mini_context, monk
 @pytest.mark.slow
 def test_nonfinite_reward_at_evaluation_is_refused_naming_the_row(mini_context, monkeypatch):
     ctx, reference = mini_context
-    monkeypatch.setattr(evaluate, "Scorer", NonFiniteScorer(evaluate.Scorer))
+    monkeypatch.setattr(evaluate, "Scorer", non_finite_scorer(evaluate.Scorer))
     sft, reward_model = completed(reference, "sft"), completed(reference, "reward")
     with pytest.raises(
         DataError,

@@ -64,12 +64,12 @@ def sample_completions(
         if return_logps:
             token_logps = gather_token_logps(torch.stack(output.logits, dim=1).cpu(), sequences)
         for j, sequence in enumerate(sequences):
-            completion = _cut_after_eos(sequence.tolist(), eos_id)
+            completion = cut_after_eos(sequence.tolist(), eos_id)
             results[rows[j // num_samples]].append(completion)
             if return_logps:
                 logps[rows[j // num_samples]].append(token_logps[j, : len(completion)].tolist())
     return (results, logps) if return_logps else results
 
 
-def _cut_after_eos(tokens: list[int], eos_id: int) -> list[int]:
+def cut_after_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens

@@ -63,7 +63,7 @@ def run_pipeline(cfg: DictConfig) -> list[dict] | None:
         )
     if not is_rank_zero():
         return None
-    _, examples, _ = ctx.prompts("eval", cfg.stage.evaluate.n_prompts)
+    _, examples, _ = ctx.prompts("eval", cfg.stage.evaluate.n_prompts, cfg.stage.evaluate.prompt_offset)
     out = Path(cfg.paths.results_dir)
     rows = write_report(results, examples, out, cfg.seed)
     log.info("results written to %s", out)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 STAGE_ORDER = ("sft", "reward", "generate", "align", "evaluate")
 TRAINING_STAGES = ("sft", "reward", "align")
+GENERATION_BACKENDS = ("hf", "vllm")
 # Chat template, system prompt and instruction around the source: a generous bound, checked exactly
 # per prompt once the tokenizer has built them (check_prompt_lengths).
 TEMPLATE_TOKENS = 64
@@ -163,6 +164,14 @@ def _check_sampling(cfg: DictConfig) -> None:
         ("stage.evaluate.top_p", cfg.stage.evaluate.top_p),
     ]:
         _in_range(where, value, 0.0, 1.0, open_low=True)
+    if generate.backend not in GENERATION_BACKENDS:
+        raise ConfigError(
+            f"stage.generate.backend={generate.backend!r} must be one of {list(GENERATION_BACKENDS)}"
+        )
+    if generate.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "stage.generate.backend='vllm' needs the vllm package (pip install vllm), not installed here"
+        )
 
 
 def _check_stages(cfg: DictConfig) -> None:
@@ -178,6 +187,7 @@ def _check_stages(cfg: DictConfig) -> None:
     _count("stage.align.curve_every_n_steps", stage.align.curve_every_n_steps)
     _count("stage.align.curve_prompts", stage.align.curve_prompts)
     _count("stage.evaluate.n_prompts", stage.evaluate.n_prompts)
+    _count("stage.evaluate.prompt_offset", stage.evaluate.prompt_offset, minimum=0)
     for name in ("reward.sampling", "generate", "evaluate"):
         _count(f"stage.{name}.batch_size", OmegaConf.select(cfg, f"stage.{name}.batch_size"))
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 from transformers import AutoModelForCausalLM
 
+from directalign.distributed import map_sharded, world
 from directalign.generation import sample_completions
 from directalign.logprobs import batched_completion_logps
 from directalign.scoring import Scorer
@@ -30,8 +31,8 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact, policy: Artifact) ->
     def compute(folder):
         seed = ctx.seed(4)
         tokenizer = ctx.tokenizer
-        prompt_ids, examples, n_truncated = ctx.prompts("eval", stage_cfg.n_prompts)
-        model = AutoModelForCausalLM.from_pretrained(policy.path / POLICY_DIR)
+        prompt_ids, examples, n_truncated = ctx.prompts("eval", stage_cfg.n_prompts, stage_cfg.prompt_offset)
+        model = AutoModelForCausalLM.from_pretrained(policy.path / POLICY_DIR).to(ctx.device)
         check_prompt_lengths(
             f"task {cfg.task.name!r}, split 'eval'",
             prompt_ids,
@@ -39,25 +40,44 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact, policy: Artifact) ->
             cfg.task.max_completion_tokens,
             getattr(model.config, "max_position_embeddings", None),
         )
-        samples, sample_logps = sample_completions(
-            model,
-            tokenizer,
-            prompt_ids,
-            num_samples=1,
-            max_new_tokens=cfg.task.max_completion_tokens,
-            batch_size=stage_cfg.batch_size,
-            do_sample=stage_cfg.do_sample,
-            temperature=stage_cfg.temperature,
-            top_p=stage_cfg.top_p,
-            seed=seed,
-            desc=f"evaluate {policy.stage}",
-            return_logps=True,
-        )
-        completions = [s[0] for s in samples]
+        is_baseline = policy.key == sft.key and policy.stage == sft.stage
+        ref_model = None
+        if not is_baseline:
+            ref_model = AutoModelForCausalLM.from_pretrained(sft.path / POLICY_DIR).to(ctx.device)
+
+        def sample_shard(prompts: list[list[int]]) -> list[tuple[list[int], float]]:
+            """One rank's prompts: the policy's completion and its log-ratio to the SFT policy."""
+            samples, sample_logps = sample_completions(
+                model,
+                tokenizer,
+                prompts,
+                num_samples=1,
+                max_new_tokens=cfg.task.max_completion_tokens,
+                batch_size=stage_cfg.batch_size,
+                do_sample=stage_cfg.do_sample,
+                temperature=stage_cfg.temperature,
+                top_p=stage_cfg.top_p,
+                seed=seed,
+                desc=f"evaluate {policy.stage}",
+                return_logps=True,
+            )
+            completions = [s[0] for s in samples]
+            if ref_model is None:
+                return [(c, 0.0) for c in completions]
+            ref_logps = batched_completion_logps(
+                ref_model, prompts, completions, tokenizer.pad_token_id, stage_cfg.batch_size
+            )
+            rows = zip(completions, sample_logps, ref_logps, strict=True)
+            return [(c, sum(policy_logps[0]) - sum(ref)) for c, policy_logps, ref in rows]
+
+        sampled = map_sharded(prompt_ids, sample_shard)
+        if world()[0] != 0:
+            return {}  # rank 0 scores and writes the samples
+        completions = [completion for completion, _ in sampled]
+        logratio = np.asarray([value for _, value in sampled])
         texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
-        proxy, gold = Scorer(reward.path / REWARD_DIR, cfg.stage.reward.max_length, ctx.task.gold_judge())(
-            examples["source"], examples["reference"], texts
-        )
+        scorer = Scorer(reward.path / REWARD_DIR, cfg.stage.reward.max_length, ctx.task.gold_judge())
+        proxy, gold = scorer.to(ctx.device)(examples["source"], examples["reference"], texts)
         # Every policy is scored on the same prompts, so a sample cannot be dropped: refuse instead.
         broken = np.flatnonzero(~finite_mask(proxy, gold))
         if broken.size:
@@ -67,19 +87,6 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact, policy: Artifact) ->
                 f" gold {None if gold is None else gold[row]}) for row {row} (id {examples['id'][row]!r})"
                 f" of split 'eval', and {broken.size - 1} more"
             )
-        if policy.key == sft.key and policy.stage == sft.stage:
-            logratio = np.zeros(len(completions))
-        else:
-            ref_model = AutoModelForCausalLM.from_pretrained(sft.path / POLICY_DIR)
-            pad = tokenizer.pad_token_id
-            policy_sums = [sum(lp[0]) for lp in sample_logps]
-            ref_sums = [
-                sum(x)
-                for x in batched_completion_logps(
-                    ref_model, prompt_ids, completions, pad, stage_cfg.batch_size
-                )
-            ]
-            logratio = np.asarray(policy_sums) - np.asarray(ref_sums)
         lengths = np.asarray([len(c) for c in completions])
         with (folder / SAMPLES_FILE).open("w") as handle:
             for i, text in enumerate(texts):

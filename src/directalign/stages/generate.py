@@ -7,11 +7,15 @@ never runs a reference model.
 
 import logging
 import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import datasets
 import numpy as np
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from directalign.distributed import map_sharded, world
 from directalign.generation import sample_completions
 from directalign.scoring import Scorer
 from directalign.stages.context import StageContext, plain
@@ -33,34 +37,48 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact) -> Artifact:
         seed = ctx.seed(2)
         tokenizer = ctx.tokenizer
         prompt_ids, examples, n_truncated = ctx.prompts("offpolicy", stage_cfg.max_prompts)
-        policy = AutoModelForCausalLM.from_pretrained(sft.path / POLICY_DIR)
         check_prompt_lengths(
             f"task {cfg.task.name!r}, split 'offpolicy'",
             prompt_ids,
             examples["id"],
             cfg.task.max_completion_tokens,
-            getattr(policy.config, "max_position_embeddings", None),
+            getattr(AutoConfig.from_pretrained(sft.path / POLICY_DIR), "max_position_embeddings", None),
         )
-        per_prompt: list[list[list[int]]] = [[] for _ in prompt_ids]
-        per_prompt_logps: list[list[list[float]]] = [[] for _ in prompt_ids]
-        for i, temperature in enumerate(stage_cfg.temperatures):
-            samples, sample_logps = sample_completions(
-                policy,
-                tokenizer,
-                prompt_ids,
-                num_samples=stage_cfg.num_completions,
-                max_new_tokens=cfg.task.max_completion_tokens,
-                batch_size=stage_cfg.batch_size,
-                do_sample=True,
-                temperature=temperature,
-                top_p=stage_cfg.top_p,
-                seed=seed + i,
-                desc=f"off-policy samples (T={temperature})",
-                return_logps=True,
-            )
-            for index in range(len(prompt_ids)):
-                per_prompt[index].extend(samples[index])
-                per_prompt_logps[index].extend(sample_logps[index])
+        sample = _sampler(ctx, sft.path / POLICY_DIR, seed)
+
+        def sample_shard(prompts: list[list[int]]) -> list[tuple[list[list[int]], list[list[float]]]]:
+            """Every temperature's completions (and their sampling log-probs) for one rank's prompts."""
+            shard = [([], []) for _ in prompts]
+            for i, temperature in enumerate(stage_cfg.temperatures):
+                samples, sample_logps = sample(
+                    prompts,
+                    num_samples=stage_cfg.num_completions,
+                    max_new_tokens=cfg.task.max_completion_tokens,
+                    temperature=temperature,
+                    top_p=stage_cfg.top_p,
+                    seed=seed + i,
+                )
+                for (completions, logps), new, new_logps in zip(shard, samples, sample_logps, strict=True):
+                    completions.extend(new)
+                    logps.extend(new_logps)
+            return shard
+
+        start = time.perf_counter()
+        sampled = map_sharded(prompt_ids, sample_shard)
+        seconds = time.perf_counter() - start
+        if world()[0] != 0:
+            return {}  # rank 0 scores and writes the dataset
+        per_prompt = [completions for completions, _ in sampled]
+        per_prompt_logps = [logps for _, logps in sampled]
+        n_generated = sum(len(c) for group in per_prompt for c in group)
+        log.info(
+            "sampled %d tokens in %.1f s: %.1f tokens/s (%s backend, %d rank(s))",
+            n_generated,
+            seconds,
+            n_generated / seconds,
+            stage_cfg.backend,
+            world()[1],
+        )
         # Empty completions are dropped before scoring, non-finite scores after it; a prompt needs two
         # completions left to form a pair. Each drop is counted in the manifest.
         texts = [
@@ -71,7 +89,7 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact) -> Artifact:
         if not candidates:
             raise DataError("generate: every completion sampled for split 'offpolicy' is empty")
         scorer = Scorer(reward.path / REWARD_DIR, cfg.stage.reward.max_length, ctx.task.gold_judge())
-        proxy, gold = scorer(
+        proxy, gold = scorer.to(ctx.device)(
             [examples["source"][i] for i, _ in candidates],
             [examples["reference"][i] for i, _ in candidates],
             [texts[i][k] for i, k in candidates],
@@ -128,6 +146,34 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact) -> Artifact:
             "mean_length_tokens": float(np.mean(lengths)),
             "mean_reward": float(np.mean(rewards)),
             "mean_gold": float(np.mean(golds)) if golds is not None else None,
+            "generated_tokens": n_generated,
+            "sampling_seconds": seconds,
+            "tokens_per_s": n_generated / seconds,
+            "world_size": world()[1],
         }
 
     return ctx.store.run("generate", config, [sft, reward], compute)
+
+
+def _sampler(ctx: StageContext, policy_dir: Path, seed: int) -> Callable[..., tuple[list, list]]:
+    """The configured sampling backend over the SFT policy: completions and their log-probs."""
+    backend = ctx.cfg.stage.generate.backend
+    if backend == "vllm":
+        from directalign.generation_vllm import VllmSampler  # vLLM is imported only when chosen
+
+        return VllmSampler(policy_dir, ctx.tokenizer.eos_token_id, seed)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir).to(ctx.device)
+
+    def sample(prompts: list[list[int]], **kwargs) -> tuple[list, list]:
+        return sample_completions(
+            policy,
+            ctx.tokenizer,
+            prompts,
+            batch_size=ctx.cfg.stage.generate.batch_size,
+            do_sample=True,
+            desc=f"off-policy samples (T={kwargs['temperature']})",
+            return_logps=True,
+            **kwargs,
+        )
+
+    return sample

@@ -11,6 +11,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
+from directalign.distributed import map_sharded
 from directalign.generation import sample_completions
 from directalign.lit.reward import RewardModule
 from directalign.models import build_reward_model
@@ -34,7 +35,7 @@ def simulated_preferences(ctx: StageContext, sft: Artifact, seed: int) -> dict[s
     if gold is None:
         raise ValueError(f"task {cfg.task.name!r} has neither human preferences nor a gold judge")
     prompt_ids, examples, n_truncated = ctx.prompts("preference", stage_cfg.max_pairs)
-    policy = AutoModelForCausalLM.from_pretrained(sft.path / POLICY_DIR)
+    policy = AutoModelForCausalLM.from_pretrained(sft.path / POLICY_DIR).to(ctx.device)
     check_prompt_lengths(
         f"task {cfg.task.name!r}, split 'preference'",
         prompt_ids,
@@ -42,18 +43,21 @@ def simulated_preferences(ctx: StageContext, sft: Artifact, seed: int) -> dict[s
         cfg.task.max_completion_tokens,
         getattr(policy.config, "max_position_embeddings", None),
     )
-    samples = sample_completions(
-        policy,
-        ctx.tokenizer,
+    samples = map_sharded(
         prompt_ids,
-        num_samples=2,
-        max_new_tokens=cfg.task.max_completion_tokens,
-        batch_size=stage_cfg.sampling.batch_size,
-        do_sample=True,
-        temperature=stage_cfg.sampling.temperature,
-        top_p=stage_cfg.sampling.top_p,
-        seed=seed,
-        desc="preference samples",
+        lambda prompts: sample_completions(
+            policy,
+            ctx.tokenizer,
+            prompts,
+            num_samples=2,
+            max_new_tokens=cfg.task.max_completion_tokens,
+            batch_size=stage_cfg.sampling.batch_size,
+            do_sample=True,
+            temperature=stage_cfg.sampling.temperature,
+            top_p=stage_cfg.sampling.top_p,
+            seed=seed,
+            desc="preference samples",
+        ),
     )
     texts = [[ctx.tokenizer.decode(c, skip_special_tokens=True).strip() for c in pair] for pair in samples]
     keep = [i for i, (a, b) in enumerate(texts) if a and b and a != b]
