@@ -47,8 +47,9 @@ sweep: install  ## Paper B's beta grids on the default task (two multiruns, one 
 	$(PY) pipelines/run.py -m experiment=sweep method=copg,dpo method.beta=0.01,0.03,0.06,0.1,0.3,1
 	$(PY) pipelines/run.py -m experiment=sweep method=ipo method.beta=0.003,0.01,0.03,0.06,0.1,0.3
 
-bench: install  ## Align-step throughput against TRL's DPOTrainer (outputs/bench/; see results/benchmarks.md)
+bench: install  ## Align step against TRL's DPOTrainer, and sampling throughput (see results/benchmarks.md)
 	$(PY) pipelines/bench.py
+	$(PY) pipelines/bench_generate.py
 
 gpu-check: install  ## On a GPU: smoke with trainer=gpu (bf16), align-step throughput and MFU of a 1B model
 	$(PY) pipelines/gpu_check.py

@@ -6,7 +6,7 @@ import os
 import subprocess
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import RandomSampler, Sampler
 
@@ -217,3 +218,22 @@ def finish_wandb(trainer: L.Trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
+
+
+def trained_model(
+    trainer: L.Trainer, model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]
+) -> torch.nn.Module:
+    """The trained weights in a plain model, for saving and scoring after ``trainer.fit``.
+
+    Under DDP (or one process) that is ``model`` itself. Under FSDP its layers are now wrappers around
+    this rank's shards, so every rank must call this: Lightning gathers the full state dict
+    (``state_dict_type: full``) on rank 0, which loads it into a freshly built copy; the other ranks
+    get an untrained copy, and stages save on rank 0 only.
+    """
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return model
+    state = trainer.strategy.lightning_module_state_dict()
+    fresh = rebuild()
+    if trainer.is_global_zero:
+        fresh.load_state_dict({name.removeprefix("model."): weight for name, weight in state.items()})
+    return fresh

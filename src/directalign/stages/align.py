@@ -21,7 +21,7 @@ from directalign.stages.generate import DATA_DIR
 from directalign.stages.reward import REWARD_DIR
 from directalign.stages.sft import POLICY_DIR
 from directalign.store import Artifact
-from directalign.training import build_trainer, finish_wandb, resume_checkpoint
+from directalign.training import build_trainer, finish_wandb, resume_checkpoint, trained_model
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,11 @@ def run(
             cfg.task.max_completion_tokens,
             cfg.stage.evaluate.batch_size,
         )
-        model = with_lora(AutoModelForCausalLM.from_pretrained(sft.path / POLICY_DIR), stage_cfg.lora)
+
+        def build():
+            return with_lora(AutoModelForCausalLM.from_pretrained(sft.path / POLICY_DIR), stage_cfg.lora)
+
+        model = build()
         tags = {
             "stage": "align",
             "method": method.name,
@@ -122,6 +126,7 @@ def run(
         )
         final_loss = float(trainer.callback_metrics["train/loss"])
         finish_wandb(trainer)
+        model = trained_model(trainer, model, build)
         if trainer.is_global_zero:
             merge_lora(model).save_pretrained(folder / POLICY_DIR)
             tokenizer.save_pretrained(folder / POLICY_DIR)

@@ -20,7 +20,7 @@ from directalign.stages.context import StageContext, plain
 from directalign.stages.sft import POLICY_DIR
 from directalign.store import Artifact
 from directalign.tasks.base import PREFERENCE_COLUMNS
-from directalign.training import build_trainer, finish_wandb, resume_checkpoint
+from directalign.training import build_trainer, finish_wandb, resume_checkpoint, trained_model
 from directalign.validation import DataError, check_prompt_lengths, finite_mask, require_columns
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,9 @@ def run(ctx: StageContext, sft: Artifact) -> Artifact:
             ckpt_path=resume_checkpoint(folder),
         )
         finish_wandb(trainer)
-        model.cpu()
+        model = trained_model(
+            trainer, model, lambda: build_reward_model(cfg.reward_model, sft.path / POLICY_DIR, seed)[0]
+        ).cpu()
         sources = [s for s, _, _ in val_rows]
         chosen = reward_scores(model, tokenizer, sources, [c for _, c, _ in val_rows], stage_cfg.max_length)
         rejected = reward_scores(model, tokenizer, sources, [r for _, _, r in val_rows], stage_cfg.max_length)

@@ -8,7 +8,7 @@ from directalign.models import build_policy, merge_lora, with_lora
 from directalign.prompts import completion_ids
 from directalign.stages.context import StageContext, plain
 from directalign.store import Artifact
-from directalign.training import build_trainer, finish_wandb, resume_checkpoint
+from directalign.training import build_trainer, finish_wandb, resume_checkpoint, trained_model
 from directalign.validation import check_prompt_lengths, check_task_data
 
 POLICY_DIR = "model"
@@ -49,11 +49,16 @@ def run(ctx: StageContext) -> Artifact:
             getattr(model.config, "max_position_embeddings", None),
         )
         model = with_lora(model, stage_cfg.lora)
+
+        def rebuild():
+            return with_lora(build_policy(cfg.model, ctx.store.root, len(tokenizer), seed), stage_cfg.lora)
+
         trainer = build_trainer(cfg, stage_cfg, folder, "sft", {"stage": "sft", "model": cfg.model.name})
         trainer.fit(
             SFTModule(model, stage_cfg), train_dataloaders=loader, ckpt_path=resume_checkpoint(folder)
         )
         finish_wandb(trainer)
+        model = trained_model(trainer, model, rebuild)
         if trainer.is_global_zero:
             merge_lora(model).save_pretrained(folder / POLICY_DIR)
             tokenizer.save_pretrained(folder / POLICY_DIR)

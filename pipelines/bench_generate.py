@@ -1,0 +1,90 @@
+"""Sampling throughput of the generate stage: `python pipelines/bench_generate.py` (`make bench`).
+
+``bucketed`` is ``generation.sample_completions`` as the stages call it: prompts sorted by length,
+then batched, so a batch pads little. ``arrival_order`` batches the same prompts as they come (each
+batch handed to sample_completions on its own). Both sample ``num_samples`` completions per prompt
+with the KV cache; a random-init model hardly ever emits eos, so every completion has ``new_tokens``
+tokens and tokens/s counts generated tokens only. Medians over ``repeats`` runs after a warm-up.
+"""
+
+import random
+import statistics
+import time
+
+import hydra
+import torch
+from bench import device_name, load_architecture, synchronize
+from omegaconf import DictConfig, OmegaConf
+
+from directalign.generation import sample_completions
+
+
+def padded_fraction(prompts: list[list[int]], batches: list[list[int]]) -> float:
+    """Share of the prompt positions in the batches that are padding."""
+    padded = sum(len(b) * max(len(prompts[i]) for i in b) for b in batches)
+    return 1 - sum(len(p) for p in prompts) / padded
+
+
+def timed(sample, device: str, repeats: int) -> float:
+    """Median wall seconds of ``sample()``."""
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        sample()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+@hydra.main(config_path="../conf", config_name="bench_generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from transformers import AutoModelForCausalLM
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    device = device_name(cfg.device)
+    config, tokenizer = load_architecture(plain)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config).to(device).eval()
+    rng = random.Random(cfg.seed)
+    low, high = cfg.prompt_tokens
+    lengths = [rng.randint(low, high) for _ in range(cfg.prompts)]
+    prompts = [[rng.randrange(100, config.vocab_size) for _ in range(n)] for n in lengths]
+    size = cfg.batch_size
+
+    def run(batch: list[list[int]]) -> list[list[list[int]]]:
+        return sample_completions(
+            model,
+            tokenizer,
+            batch,
+            num_samples=cfg.num_samples,
+            max_new_tokens=cfg.new_tokens,
+            batch_size=size,
+            do_sample=True,
+            seed=cfg.seed,
+            desc="bench",
+        )
+
+    def arrival_order() -> list[list[list[int]]]:
+        return [s for start in range(0, len(prompts), size) for s in run(prompts[start : start + size])]
+
+    run(prompts[:size])  # warm-up
+    generated = sum(len(c) for group in run(prompts) for c in group)
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results = {
+        "bucketed": (timed(lambda: run(prompts), device, cfg.repeats), by_length),
+        "arrival_order": (timed(arrival_order, device, cfg.repeats), list(range(len(prompts)))),
+    }
+    print(f"device={device} prompts={len(prompts)} x {cfg.num_samples} samples, {generated} tokens generated")
+    for name, (seconds, order) in results.items():
+        batches = [order[start : start + size] for start in range(0, len(order), size)]
+        print(
+            f"{name}: {generated / seconds:.1f} tokens/s, {seconds:.1f} s,"
+            f" prompt padding {padded_fraction(prompts, batches):.0%}"
+        )
+    ratio = results["arrival_order"][0] / results["bucketed"][0]
+    print(f"generate_tokens_per_s bucketed={generated / results['bucketed'][0]:.1f} speedup={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
