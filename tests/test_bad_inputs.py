@@ -92,6 +92,11 @@ CONFIG_ERRORS = [
         ["stage.generate.top_p=0"], r"^stage\.generate\.top_p=0 must lie in \(0\.0, 1\.0\]$", id="top-p"
     ),
     pytest.param(
+        ["experiment=headlines", "contrasts=[[copg,dpo],[copg,kto]]"],
+        r"^contrasts\[1\]=\['copg', 'kto'\] must name two evaluated policies of \['sft', 'dpo', .*\]$",
+        id="contrast",
+    ),
+    pytest.param(
         ["stage.generate.backend=sglang"],
         r"^stage\.generate\.backend='sglang' must be one of \['hf', 'vllm'\]$",
         id="backend",

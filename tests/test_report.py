@@ -2,8 +2,9 @@
 
 import csv
 import json
+import math
 
-from directalign.report import CURVES_FILE, SUMMARY_COLUMNS, write_report
+from directalign.report import CURVES_FILE, SUMMARY_COLUMNS, paired_difference, write_report
 from tests.test_wandb import fake_results
 
 
@@ -22,3 +23,23 @@ def test_report_writes_the_contract_and_the_aligned_curves(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     curves = json.loads((tmp_path / CURVES_FILE).read_text())
     assert curves == [{"method": "dpo", "beta": 0.1, "length_power": 0.0, "points": results[1].curve}]
+
+
+def test_paired_difference_by_hand():
+    baseline = [{"id": f"p{i}", "gold_reward": g} for i, g in enumerate([0.1, 0.2, 0.3, 0.4])]
+    policy = [{"id": f"p{i}", "gold_reward": g} for i, g in reversed(list(enumerate([0.2, 0.2, 0.5, 0.4])))]
+    # differences 0.1, 0, 0.2, 0: mean 0.075; sample variance 0.0275 / 3; s.e. sqrt(0.0275 / 3) / 2
+    mean, error = paired_difference(policy, baseline, "gold_reward")
+    assert math.isclose(mean, 0.075) and math.isclose(error, math.sqrt(0.0275 / 3) / 2)
+
+
+def test_paired_table_lists_every_policy_against_sft_and_the_contrasts(tmp_path):
+    results = fake_results()
+    results[1].samples[0]["completion"] = "another headline"
+    no_examples = {"id": [], "source": [], "reference": []}
+    write_report(results, no_examples, tmp_path, seed=0, contrasts=[["sft", "dpo"]])
+    rows = [line for line in (tmp_path / "paired.md").read_text().splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| dpo - sft", "| sft - dpo"]
+    # dpo's proxy is sft's + 0.3 on every prompt (zero spread), gold + 0.15, same lengths
+    assert rows[1].split(" | ")[1:] == ["+0.3000 ± 0.0000", "+0.1500 ± 0.0000", "+0.0000 ± 0.0000", "1/4 |"]
+    assert rows[2].split(" | ")[1] == "-0.3000 ± 0.0000"

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from directalign.report import PolicyResult, log_wandb, write_report
 from directalign.stages import align, evaluate, generate, reward, sft
@@ -65,7 +65,7 @@ def run_pipeline(cfg: DictConfig) -> list[dict] | None:
         return None
     _, examples, _ = ctx.prompts("eval", cfg.stage.evaluate.n_prompts, cfg.stage.evaluate.prompt_offset)
     out = Path(cfg.paths.results_dir)
-    rows = write_report(results, examples, out, cfg.seed)
+    rows = write_report(results, examples, out, cfg.seed, OmegaConf.to_container(cfg.contrasts))
     log.info("results written to %s", out)
     if cfg.logger.wandb:
         run_dir = log_wandb(

@@ -1,5 +1,5 @@
-"""Tables and plots of the results contract (summary.csv/.md and the three plots), the curves a sweep
-report reads back, and the same tables and plots as a wandb run."""
+"""Tables and plots of the results contract (summary.csv/.md and the three plots), paired differences
+between policies, the curves a sweep report reads back, and the same tables and plots as a wandb run."""
 
 import csv
 import json
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -59,6 +60,45 @@ def win_rate(policy: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> fl
         if s["id"] in base
     ]
     return sum(scores) / len(scores) if scores else math.nan
+
+
+def paired_difference(
+    policy: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str
+) -> tuple[float, float]:
+    """Mean and standard error over the shared prompts of ``policy[key] - baseline[key]``: both
+    policies answer the same prompts, so pairing removes the prompts' own spread."""
+    base = {s["id"]: s[key] for s in baseline}
+    diffs = np.asarray([s[key] - base[s["id"]] for s in policy if s["id"] in base], dtype=float)
+    if diffs.size < 2:
+        return math.nan, math.nan
+    return float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(diffs.size))
+
+
+def write_paired(results: list[PolicyResult], contrasts: list[list[str]], out: Path) -> None:
+    """``paired.md``: every policy against SFT, then each configured contrast ``[a, b]`` (a minus b),
+    as mean ± standard error over prompts, with the number of prompts whose outputs differ."""
+    by_name = {r.method: r for r in results}
+    pairs = [(r.method, results[0].method) for r in results[1:]]
+    for a, b in contrasts:
+        pairs.append((a, b))  # validate_config checked that both were evaluated
+    keys = [key for key, _ in _scores(results)] + ["length_tokens"]
+    header = ["policy", *(f"{key} difference" for key in keys), "outputs that differ"]
+    lines = [
+        "# Paired differences (mean ± standard error over the same prompts)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for a, b in pairs:
+        cells = [f"{a} - {b}"]
+        for key in keys:
+            mean, error = paired_difference(by_name[a].samples, by_name[b].samples, key)
+            cells.append(f"{mean:+.4f} ± {error:.4f}")
+        other = {s["id"]: s["completion"] for s in by_name[b].samples}
+        changed = sum(s["completion"] != other.get(s["id"]) for s in by_name[a].samples)
+        cells.append(f"{changed}/{len(by_name[a].samples)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "paired.md").write_text("\n".join(lines) + "\n")
 
 
 def summary_rows(results: list[PolicyResult], seed: int) -> list[dict[str, Any]]:
@@ -177,12 +217,18 @@ def write_samples(results: list[PolicyResult], examples: dict[str, list], out: P
 
 
 def write_report(
-    results: list[PolicyResult], examples: dict[str, list], out: Path, seed: int, n_samples: int = 8
+    results: list[PolicyResult],
+    examples: dict[str, list],
+    out: Path,
+    seed: int,
+    contrasts: list[list[str]] = (),
+    n_samples: int = 8,
 ) -> list[dict[str, Any]]:
     """Write every file of the results contract into ``out``; the first result is the SFT baseline."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summary_rows(results, seed)
     write_tables(rows, out)
+    write_paired(results, list(contrasts), out)
     _scatter(
         results,
         "length_tokens",

@@ -143,6 +143,13 @@ def _check_lengths(cfg: DictConfig) -> None:
         )
 
 
+def _check_contrasts(cfg: DictConfig) -> None:
+    names = ["sft", *(method.name for method in methods_to_align(cfg))]
+    for i, contrast in enumerate(cfg.contrasts):
+        if len(contrast) != 2 or any(name not in names for name in contrast):
+            raise ConfigError(f"contrasts[{i}]={list(contrast)} must name two evaluated policies of {names}")
+
+
 def _check_sampling(cfg: DictConfig) -> None:
     generate = cfg.stage.generate
     _count("stage.generate.num_completions", generate.num_completions)
@@ -203,6 +210,7 @@ def validate_config(cfg: DictConfig) -> None:
             _check_method(f"compare.{name}", method)
     else:
         _check_method("method", cfg.method)
+    _check_contrasts(cfg)
     _check_sampling(cfg)
     _check_lengths(cfg)
     _check_stages(cfg)
