@@ -102,6 +102,12 @@ CONFIG_ERRORS = [
         id="backend",
     ),
     pytest.param(
+        ["stage.generate.backend=vllm", "trainer=ddp_cpu"],
+        r"^stage\.generate\.backend='vllm' runs one engine in one process: it needs trainer\.devices=1 and"
+        r" trainer\.num_nodes=1 \(got 2 and 1\)$",
+        id="vllm-ddp",
+    ),
+    pytest.param(
         ["stage.generate.backend=vllm"],
         r"^stage\.generate\.backend='vllm' needs the vllm package \(pip install vllm\), not installed here$",
         id="vllm-missing",

@@ -229,3 +229,34 @@ def test_align_on_two_ranks_matches_one_rank_with_the_same_global_batch(tmp_path
 
 if __name__ == "__main__":
     align_once(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+
+
+@pytest.mark.slow
+def test_pipeline_on_two_ranks_shards_sampling_and_only_rank_zero_writes(tmp_path):
+    """The reduced smoke pipeline under real DDP (2 CPU processes, gloo): it completes, the sampling
+    stages ran on both ranks (the generate manifest records a world of 2, and evaluation too), and the
+    store holds exactly one artifact per stage configuration (rank 1 never wrote one)."""
+    import json
+
+    from tests.conftest import mini_smoke_command
+
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    result = subprocess.run(
+        mini_smoke_command(tmp_path, "trainer=ddp_cpu"),
+        cwd=ROOT,
+        env=env | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    store = tmp_path / "store"
+    (generate,) = store.glob(f"generate/*/{MANIFEST}")
+    assert json.loads(generate.read_text())["metrics"]["world_size"] == 2
+    evaluations = sorted(store.glob(f"evaluate/*/{MANIFEST}"))
+    assert [json.loads(m.read_text())["metrics"]["world_size"] for m in evaluations] == [2, 2, 2]
+    with (tmp_path / "results" / "summary.csv").open() as handle:
+        assert [row.split(",")[0] for row in handle.read().splitlines()[1:]] == ["sft", "dpo", "copg"]
+    stages = ("sft", "reward", "generate", "align")
+    folders = {stage: len(list(store.glob(f"{stage}/*/"))) for stage in stages}
+    assert folders == {"sft": 1, "reward": 1, "generate": 1, "align": 2}

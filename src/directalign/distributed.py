@@ -1,13 +1,18 @@
 """Data-parallel helpers for the stages that sample: shard prompts across ranks, gather results.
 
 They act only once a process group exists (Lightning creates it at the first ``trainer.fit`` and
-keeps it for the rest of the process); before that, or in a single process, they are no-ops, so a
-stage computes the same thing in a plain run and on every rank of a data-parallel one.
+keeps it for the rest of the process); before that, or in a single process, they are no-ops. Every
+rank ends with the same gathered results. Sampled (not greedy) results depend on the world size,
+since each rank draws its own random numbers: the store key does not hold the world size, as it
+does not hold the device either.
 """
 
+import gc
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 Item = TypeVar("Item")
@@ -48,3 +53,17 @@ def broadcast_from_rank_zero(value: Item) -> Item:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def rank_seed(seed: int) -> int:
+    """``seed`` on rank 0 (a single process samples as before), an independent seed on every other
+    rank, so that ranks sampling their shards do not repeat each other's random numbers."""
+    rank = world()[0]
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def release_accelerator_memory() -> None:
+    """Hand freed GPU memory back, so that the next model of the stage (or Lightning) can have it."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

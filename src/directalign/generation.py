@@ -22,12 +22,14 @@ def sample_completions(
     seed: int = 0,
     desc: str = "generate",
     return_logps: bool = False,
+    synced_gpus: bool = False,
 ) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[list[list[float]]]]:
     """``num_samples`` completions per prompt, each cut after its first eos (kept, as in training).
 
     Prompts are sorted by length and batched, then the results are put back in prompt order.
     With ``return_logps`` it also returns the sampling model's per-token log-probs (at
     temperature 1, from the raw logits), which spares a second forward pass over the samples.
+    ``synced_gpus`` keeps every rank stepping until all are done, which FSDP's sharded layers need.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -58,6 +60,7 @@ def sample_completions(
             pad_token_id=pad_id,
             eos_token_id=eos_id,
             top_k=None,
+            synced_gpus=synced_gpus,
             **sampling,
         )
         sequences = output.sequences[:, width:].cpu()

@@ -3,7 +3,8 @@
 Imported only when that backend is chosen, so the project never needs vLLM otherwise. It returns
 what ``generation.sample_completions`` returns: completions cut after their first eos, and the
 per-token log-probs of the raw logits (vLLM's ``raw_logprobs`` mode, i.e. at temperature 1, as the
-reference log-probs of the off-policy dataset must be).
+reference log-probs of the off-policy dataset must be), computed in float32 like the HF path.
+One engine per process: the stage refuses this backend with more than one device (validation.py).
 """
 
 from pathlib import Path
@@ -18,7 +19,15 @@ class VllmSampler:
     """One vLLM engine over a saved Hugging Face policy folder, kept for every sampling call."""
 
     def __init__(self, model_dir: Path, eos_id: int, seed: int):
-        self.engine = LLM(model=str(model_dir), seed=seed, logprobs_mode="raw_logprobs")
+        # The engine's seed drives every request; a per-request seed would give sample k of every
+        # prompt the same noise. generation_config="vllm": stop at eos_id only, as the HF path does.
+        self.engine = LLM(
+            model=str(model_dir),
+            seed=seed,
+            dtype="float32",
+            logprobs_mode="raw_logprobs",
+            generation_config="vllm",
+        )
         self.eos_id = eos_id
 
     def __call__(
@@ -29,14 +38,12 @@ class VllmSampler:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
-        seed: int,
     ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
         params = SamplingParams(
             n=num_samples,
             temperature=temperature,
             top_p=top_p,
             max_tokens=max_new_tokens,
-            seed=seed,
             logprobs=0,  # 0 extra candidates: the sampled token's log-prob only
             stop_token_ids=[self.eos_id],
         )

@@ -222,18 +222,21 @@ def finish_wandb(trainer: L.Trainer) -> None:
 
 def trained_model(
     trainer: L.Trainer, model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]
-) -> torch.nn.Module:
+) -> torch.nn.Module | None:
     """The trained weights in a plain model, for saving and scoring after ``trainer.fit``.
 
     Under DDP (or one process) that is ``model`` itself. Under FSDP its layers are now wrappers around
     this rank's shards, so every rank must call this: Lightning gathers the full state dict
     (``state_dict_type: full``) on rank 0, which loads it into a freshly built copy; the other ranks
-    get an untrained copy, and stages save on rank 0 only.
+    get None (the stages save and score on rank 0 only).
     """
     if not isinstance(trainer.strategy, FSDPStrategy):
         return model
+    if trainer.strategy._state_dict_type != "full":
+        raise ValueError("the stages save whole policies: trainer.strategy.state_dict_type must be 'full'")
     state = trainer.strategy.lightning_module_state_dict()
+    if not trainer.is_global_zero:
+        return None
     fresh = rebuild()
-    if trainer.is_global_zero:
-        fresh.load_state_dict({name.removeprefix("model."): weight for name, weight in state.items()})
+    fresh.load_state_dict({name.removeprefix("model."): weight for name, weight in state.items()})
     return fresh

@@ -175,6 +175,11 @@ def _check_sampling(cfg: DictConfig) -> None:
         raise ConfigError(
             f"stage.generate.backend={generate.backend!r} must be one of {list(GENERATION_BACKENDS)}"
         )
+    if generate.backend == "vllm" and (cfg.trainer.devices != 1 or cfg.trainer.num_nodes != 1):
+        raise ConfigError(
+            "stage.generate.backend='vllm' runs one engine in one process: it needs trainer.devices=1 and"
+            f" trainer.num_nodes=1 (got {cfg.trainer.devices} and {cfg.trainer.num_nodes})"
+        )
     if generate.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             "stage.generate.backend='vllm' needs the vllm package (pip install vllm), not installed here"

@@ -6,6 +6,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from transformers import PreTrainedTokenizerBase
 
 from directalign.generation import sample_completions
@@ -16,7 +17,8 @@ log = logging.getLogger(__name__)
 
 class RewardCurve(Callback):
     """Every ``every_n_steps`` optimiser steps (and at the start and end), greedy-decode the curve
-    prompts on rank 0 and record the mean proxy reward, gold reward and length."""
+    prompts on rank 0 and record the mean proxy reward, gold reward and length. Under FSDP every rank
+    decodes along (the sharded layers gather their weights collectively)."""
 
     def __init__(
         self,
@@ -40,7 +42,10 @@ class RewardCurve(Callback):
         self.points: list[dict[str, Any]] = []
 
     def _measure(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or (self.points and self.points[-1]["step"] == trainer.global_step):
+        sharded = isinstance(trainer.strategy, FSDPStrategy)
+        if not (trainer.is_global_zero or sharded) or (
+            self.points and self.points[-1]["step"] == trainer.global_step
+        ):
             return
         samples = sample_completions(
             module.model,
@@ -51,6 +56,7 @@ class RewardCurve(Callback):
             batch_size=self.batch_size,
             do_sample=False,
             desc="reward curve",
+            synced_gpus=sharded,
         )
         module.model.train()
         completions = [s[0] for s in samples]

@@ -41,10 +41,15 @@ class StageContext:
     @cached_property
     def device(self) -> torch.device:
         """Where the stages sample and score outside ``trainer.fit``: this rank's GPU whenever the
-        trainer may use one (``accelerator`` gpu, cuda or auto) and one is visible, else the CPU."""
-        if self.cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
+        trainer may use one (``accelerator`` gpu, cuda or auto) and one is visible, else the CPU.
+        Lightning selects the rank's GPU once training has started; before that, the launcher's
+        local rank tells it."""
+        if self.cfg.trainer.accelerator not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
+            return torch.device("cpu")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.device("cuda", torch.cuda.current_device())
+        local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        return torch.device("cuda", int(local_rank))
 
     def prompts(
         self, split: str, limit: int | None, offset: int = 0

@@ -5,7 +5,7 @@ import json
 import numpy as np
 from transformers import AutoModelForCausalLM
 
-from directalign.distributed import map_sharded, world
+from directalign.distributed import map_sharded, rank_seed, release_accelerator_memory, world
 from directalign.generation import sample_completions
 from directalign.logprobs import batched_completion_logps
 from directalign.scoring import Scorer
@@ -57,7 +57,7 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact, policy: Artifact) ->
                 do_sample=stage_cfg.do_sample,
                 temperature=stage_cfg.temperature,
                 top_p=stage_cfg.top_p,
-                seed=seed,
+                seed=rank_seed(seed),
                 desc=f"evaluate {policy.stage}",
                 return_logps=True,
             )
@@ -71,6 +71,8 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact, policy: Artifact) ->
             return [(c, sum(policy_logps[0]) - sum(ref)) for c, policy_logps, ref in rows]
 
         sampled = map_sharded(prompt_ids, sample_shard)
+        model = ref_model = None  # room on the GPU for the scorer
+        release_accelerator_memory()
         if world()[0] != 0:
             return {}  # rank 0 scores and writes the samples
         completions = [completion for completion, _ in sampled]
@@ -106,6 +108,7 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact, policy: Artifact) ->
             "kl_to_ref": float(logratio.mean()),
             "n_prompts": len(texts),
             "n_truncated_sources": n_truncated,
+            "world_size": world()[1],
         }
 
     return ctx.store.run("evaluate", config, [sft, reward, policy], compute)

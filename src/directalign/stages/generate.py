@@ -9,13 +9,14 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import datasets
 import numpy as np
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from directalign.distributed import map_sharded, world
+from directalign.distributed import map_sharded, rank_seed, release_accelerator_memory, world
 from directalign.generation import sample_completions
 from directalign.scoring import Scorer
 from directalign.stages.context import StageContext, plain
@@ -44,28 +45,12 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact) -> Artifact:
             cfg.task.max_completion_tokens,
             getattr(AutoConfig.from_pretrained(sft.path / POLICY_DIR), "max_position_embeddings", None),
         )
-        sample = _sampler(ctx, sft.path / POLICY_DIR, seed)
-
-        def sample_shard(prompts: list[list[int]]) -> list[tuple[list[list[int]], list[list[float]]]]:
-            """Every temperature's completions (and their sampling log-probs) for one rank's prompts."""
-            shard = [([], []) for _ in prompts]
-            for i, temperature in enumerate(stage_cfg.temperatures):
-                samples, sample_logps = sample(
-                    prompts,
-                    num_samples=stage_cfg.num_completions,
-                    max_new_tokens=cfg.task.max_completion_tokens,
-                    temperature=temperature,
-                    top_p=stage_cfg.top_p,
-                    seed=seed + i,
-                )
-                for (completions, logps), new, new_logps in zip(shard, samples, sample_logps, strict=True):
-                    completions.extend(new)
-                    logps.extend(new_logps)
-            return shard
-
+        sampler = _sampler(ctx, sft.path / POLICY_DIR, seed)
         start = time.perf_counter()
-        sampled = map_sharded(prompt_ids, sample_shard)
+        sampled = map_sharded(prompt_ids, partial(_sample_all_temperatures, sampler, stage_cfg.temperatures))
         seconds = time.perf_counter() - start
+        del sampler  # the sampling engine's memory goes back before scoring (and alignment)
+        release_accelerator_memory()
         if world()[0] != 0:
             return {}  # rank 0 scores and writes the dataset
         per_prompt = [completions for completions, _ in sampled]
@@ -155,25 +140,50 @@ def run(ctx: StageContext, sft: Artifact, reward: Artifact) -> Artifact:
     return ctx.store.run("generate", config, [sft, reward], compute)
 
 
-def _sampler(ctx: StageContext, policy_dir: Path, seed: int) -> Callable[..., tuple[list, list]]:
-    """The configured sampling backend over the SFT policy: completions and their log-probs."""
-    backend = ctx.cfg.stage.generate.backend
-    if backend == "vllm":
+Sampler = Callable[[list[list[int]], float, int], tuple[list, list]]
+
+
+def _sample_all_temperatures(
+    sample: Sampler, temperatures: list[float], prompts: list[list[int]]
+) -> list[tuple[list[list[int]], list[list[float]]]]:
+    """Every temperature's completions (and their sampling log-probs) for one rank's prompts."""
+    shard = [([], []) for _ in prompts]
+    for i, temperature in enumerate(temperatures):
+        samples, sample_logps = sample(prompts, temperature, i)
+        for (completions, logps), new, new_logps in zip(shard, samples, sample_logps, strict=True):
+            completions.extend(new)
+            logps.extend(new_logps)
+    return shard
+
+
+def _sampler(ctx: StageContext, policy_dir: Path, seed: int) -> Sampler:
+    """``sample(prompts, temperature, round)`` with the configured backend over the SFT policy:
+    completions and their per-token log-probs; ``round`` numbers the temperatures."""
+    cfg = ctx.cfg
+    common = {
+        "num_samples": cfg.stage.generate.num_completions,
+        "max_new_tokens": cfg.task.max_completion_tokens,
+        "top_p": cfg.stage.generate.top_p,
+    }
+    if cfg.stage.generate.backend == "vllm":
         from directalign.generation_vllm import VllmSampler  # vLLM is imported only when chosen
 
-        return VllmSampler(policy_dir, ctx.tokenizer.eos_token_id, seed)
+        engine = VllmSampler(policy_dir, ctx.tokenizer.eos_token_id, seed)
+        return lambda prompts, temperature, _: engine(prompts, temperature=temperature, **common)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir).to(ctx.device)
 
-    def sample(prompts: list[list[int]], **kwargs) -> tuple[list, list]:
+    def sample(prompts: list[list[int]], temperature: float, round: int) -> tuple[list, list]:
         return sample_completions(
             policy,
             ctx.tokenizer,
             prompts,
-            batch_size=ctx.cfg.stage.generate.batch_size,
+            batch_size=cfg.stage.generate.batch_size,
             do_sample=True,
-            desc=f"off-policy samples (T={kwargs['temperature']})",
+            temperature=temperature,
+            seed=rank_seed(seed + round),
+            desc=f"off-policy samples (T={temperature})",
             return_logps=True,
-            **kwargs,
+            **common,
         )
 
     return sample

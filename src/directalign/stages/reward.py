@@ -11,7 +11,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-from directalign.distributed import map_sharded
+from directalign.distributed import map_sharded, rank_seed
 from directalign.generation import sample_completions
 from directalign.lit.reward import RewardModule
 from directalign.models import build_reward_model
@@ -55,7 +55,7 @@ def simulated_preferences(ctx: StageContext, sft: Artifact, seed: int) -> dict[s
             do_sample=True,
             temperature=stage_cfg.sampling.temperature,
             top_p=stage_cfg.sampling.top_p,
-            seed=seed,
+            seed=rank_seed(seed),
             desc="preference samples",
         ),
     )
@@ -163,7 +163,10 @@ def run(ctx: StageContext, sft: Artifact) -> Artifact:
         finish_wandb(trainer)
         model = trained_model(
             trainer, model, lambda: build_reward_model(cfg.reward_model, sft.path / POLICY_DIR, seed)[0]
-        ).cpu()
+        )
+        if not trainer.is_global_zero:
+            return {}  # rank 0 scores the held-out pairs and saves the model
+        model.cpu()
         sources = [s for s, _, _ in val_rows]
         chosen = reward_scores(model, tokenizer, sources, [c for _, c, _ in val_rows], stage_cfg.max_length)
         rejected = reward_scores(model, tokenizer, sources, [r for _, _, r in val_rows], stage_cfg.max_length)
