@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test lint smoke reproduce bandit headlines sweep bench gpu-check clean
+.PHONY: help install test lint smoke reproduce bandit headlines beta-sweep sweep bench gpu-check clean
 
 help:  ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,10 @@ headlines: install  ## The default experiment: news headlines with SmolLM2-135M 
 	$(PY) pipelines/run.py experiment=headlines paths.results_dir=results/headlines
 
 reproduce: bandit headlines  ## Everything results/ shows: the bandit and the headlines experiment
+
+beta-sweep: install  ## The small sweep that picked the headlines betas (results/headlines/beta_sweep.md)
+	$(PY) pipelines/run.py -m experiment=beta_sweep method=dpo,ipo,copg method.beta=0.03,0.1,0.3
+	$(PY) pipelines/run.py -m experiment=beta_sweep method=avg_dpo,avg_ipo,avg_copg method.beta=0.3,1,3
 
 sweep: install  ## Paper B's beta grids on the default task (two multiruns, one sweep report)
 	$(PY) pipelines/run.py -m experiment=sweep method=copg,dpo method.beta=0.01,0.03,0.06,0.1,0.3,1
