@@ -9,12 +9,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from directalign.store import MANIFEST, Artifact, Store
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -34,6 +38,17 @@ def compose_config(overrides: list[str], tmp: Path | None = None) -> DictConfig:
     )
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=[*overrides, *paths])
+
+
+def tiny_llama(vocab_size: int = 64, **config: Any) -> "LlamaForCausalLM":
+    """A 2-layer random Llama (seed 0, eval mode): a real transformers model that runs in milliseconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **shape, **heads, **config)).eval()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,8 @@ from directalign.store import MANIFEST, RankWaitTimeout, Store, is_rank_zero, st
 ROOT = Path(__file__).resolve().parents[1]
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
 N_PAIRS, BATCH, SEED = 48, 4, 0
+# The tiny Llama of these tests: 64 positions, pad id 0 (tests/conftest.py builds it).
+LLAMA = {"max_position_embeddings": 64, "pad_token_id": 0}
 
 
 @pytest.fixture
@@ -104,25 +106,6 @@ def test_per_rank_seed_gives_other_ranks_their_own_noise_and_leaves_rank_zero_al
     assert seeds[0] == 1234 and len(set(seeds.values())) == 3
 
 
-def tiny_llama():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        )
-    )
-
-
 def two_rank_order(batch_size: int) -> list[int]:
     """The pairs of each global step of 2 ranks (batch_size each), concatenated: Lightning's
     DistributedSampler (shuffled with PL_GLOBAL_SEED) gives rank r the r-th of its two shards."""
@@ -152,7 +135,7 @@ def align_once(out: Path, devices: int, batch_size: int) -> None:
     from directalign.lit.align import AlignModule
     from directalign.stages.align import collate_pairs
     from directalign.training import build_trainer
-    from tests.conftest import compose_config
+    from tests.conftest import compose_config, tiny_llama
 
     strategy = "ddp" if devices > 1 else "auto"
     cfg = compose_config(
@@ -191,7 +174,7 @@ def align_once(out: Path, devices: int, batch_size: int) -> None:
         loader = DataLoader(
             pairs, batch_size=batch_size, sampler=two_rank_order(batch_size // 2), collate_fn=collate
         )
-    model = tiny_llama()
+    model = tiny_llama(**LLAMA)
     method = OmegaConf.create({"name": "avg_copg", "loss": "copg", "beta": 0.1, "length_power": 1.0})
     trainer = build_trainer(cfg, cfg.stage.align, out, "ddp-test", {}, enable_progress_bar=False)
     trainer.fit(AlignModule(model, cfg.stage.align, method), train_dataloaders=loader)
@@ -205,6 +188,8 @@ def test_align_on_two_ranks_matches_one_rank_with_the_same_global_batch(tmp_path
     the gradient of the mean over the global batch. Tolerance: every weight within 1e-5 (relative)
     plus 1e-6 (absolute) of the one-rank run, 6 AdamW steps at lr 1e-3 from the same init."""
     import torch
+
+    from tests.conftest import tiny_llama
 
     two, one = tmp_path / "two", tmp_path / "one"
     env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
@@ -220,7 +205,7 @@ def test_align_on_two_ranks_matches_one_rank_with_the_same_global_batch(tmp_path
     align_once(one, 1, 2 * BATCH)
     ddp, single = torch.load(two / "final.pt"), torch.load(one / "final.pt")
     assert ddp["steps"] == single["steps"] == N_PAIRS // (2 * BATCH)
-    initial = tiny_llama().state_dict()
+    initial = tiny_llama(**LLAMA).state_dict()
     moved = sum(float((w - initial[n]).abs().sum()) for n, w in single["weights"].items())
     assert moved > 1.0, "the weights barely moved: the comparison would prove nothing"
     for name, weight in single["weights"].items():

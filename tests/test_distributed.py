@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 from directalign.distributed import broadcast_from_rank_zero, map_sharded, shard, world
 from directalign.generation import sample_completions
 from directalign.store import Store
-from tests.test_ddp import tiny_llama
+from tests.conftest import tiny_llama
+from tests.test_ddp import LLAMA
 
 
 class TinyTokenizer:
@@ -23,7 +24,7 @@ PROMPTS = [[(7 * i + j) % 60 + 2 for j in range(3 + i % 4)] for i in range(11)]
 
 
 def greedy(prompts: list[list[int]]) -> list[list[int]]:
-    model = tiny_llama()
+    model = tiny_llama(**LLAMA)
     samples = sample_completions(
         model, TinyTokenizer(), prompts, num_samples=1, max_new_tokens=6, batch_size=4, do_sample=False
     )

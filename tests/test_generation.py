@@ -4,10 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from directalign.generation import sample_completions
 from directalign.logprobs import batched_completion_logps
+from tests.conftest import tiny_llama
 
 EOS, PAD = 1, 0
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15]]
@@ -15,12 +16,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15]]
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, eos_token_id=EOS, pad_token_id=PAD,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=40, eos_token_id=EOS, pad_token_id=PAD)
 
 
 TOKENIZER = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)

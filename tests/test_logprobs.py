@@ -2,25 +2,17 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from directalign.logprobs import collate_prompt_completion, completion_logps, gather_token_logps
+from tests.conftest import tiny_llama
 
 PAD = 0
 
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=50)
 
 
 def naive_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:

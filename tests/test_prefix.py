@@ -10,30 +10,21 @@ import warnings
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from directalign.lit.align import AlignModule
 from directalign.logprobs import completion_logps
 from directalign.models import with_lora
 from directalign.prefix import shared_prompt_completion_logps
 from directalign.stages.align import collate_pairs
+from tests.conftest import tiny_llama
 
 PAD = 0
 STAGE = {"lr": 1e-5, "weight_decay": 0.0, "warmup_ratio": 0.0, "scheduler": "constant"}
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+def tied_llama() -> LlamaForCausalLM:
+    return tiny_llama(tie_word_embeddings=True)
 
 
 def pair_batch() -> dict[str, torch.Tensor]:
@@ -64,7 +55,7 @@ def loss_and_grads(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     stage = OmegaConf.create({**STAGE, "share_prompt": share_prompt, "lora": lora})
     method = OmegaConf.create({"loss": loss, "beta": 0.1, "length_power": length_power})
-    module = AlignModule(with_lora(tiny_llama(), stage.lora), stage, method)
+    module = AlignModule(with_lora(tied_llama(), stage.lora), stage, method)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log without a Trainer attached
         value = module.training_step(pair_batch(), 0)
@@ -107,13 +98,13 @@ def test_shared_prompt_needs_pair_batch():
     batch["input_ids"][-1, 0] = 5  # the last b row's prompt no longer matches its a row
     with pytest.raises(ValueError, match="same prompt"):
         shared_prompt_completion_logps(
-            tiny_llama(), batch["input_ids"], batch["attention_mask"], batch["completion_mask"].shape[1]
+            tied_llama(), batch["input_ids"], batch["attention_mask"], batch["completion_mask"].shape[1]
         )
 
 
 @torch.no_grad()
 def test_one_token_completions_need_only_the_prompt_pass():
-    model = tiny_llama()
+    model = tied_llama()
     pairs = [
         {
             "prompt": [3, 4, 5],
