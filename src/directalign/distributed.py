@@ -7,12 +7,10 @@ since each rank draws its own random numbers: the store key does not hold the wo
 does not hold the device either.
 """
 
-import gc
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 Item = TypeVar("Item")
@@ -60,10 +58,3 @@ def rank_seed(seed: int) -> int:
     rank, so that ranks sampling their shards do not repeat each other's random numbers."""
     rank = world()[0]
     return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def release_accelerator_memory() -> None:
-    """Hand freed GPU memory back, so that the next model of the stage (or Lightning) can have it."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

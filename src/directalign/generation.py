@@ -1,5 +1,7 @@
 """Batched KV-cache sampling, bucketed by prompt length so batches carry little padding."""
 
+import gc
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -72,6 +74,13 @@ def sample_completions(
             if return_logps:
                 logps[rows[j // num_samples]].append(token_logps[j, : len(completion)].tolist())
     return (results, logps) if return_logps else results
+
+
+def release_accelerator_memory() -> None:
+    """Hand freed GPU memory back once a stage is done sampling, for its scorer (or Lightning)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def cut_after_eos(tokens: list[int], eos_id: int) -> list[int]:

@@ -5,8 +5,8 @@ import json
 import numpy as np
 from transformers import AutoModelForCausalLM
 
-from directalign.distributed import map_sharded, rank_seed, release_accelerator_memory, world
-from directalign.generation import sample_completions
+from directalign.distributed import map_sharded, rank_seed, world
+from directalign.generation import release_accelerator_memory, sample_completions
 from directalign.logprobs import batched_completion_logps
 from directalign.scoring import Scorer
 from directalign.stages.context import StageContext, plain

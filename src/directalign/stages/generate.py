@@ -16,8 +16,8 @@ import datasets
 import numpy as np
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from directalign.distributed import map_sharded, rank_seed, release_accelerator_memory, world
-from directalign.generation import sample_completions
+from directalign.distributed import map_sharded, rank_seed, world
+from directalign.generation import release_accelerator_memory, sample_completions
 from directalign.scoring import Scorer
 from directalign.stages.context import StageContext, plain
 from directalign.stages.reward import REWARD_DIR
