@@ -25,16 +25,16 @@ def padded_fraction(prompts: list[list[int]], batches: list[list[int]]) -> float
     return 1 - sum(len(p) for p in prompts) / padded
 
 
-def timed(sample, device: str, repeats: int) -> float:
-    """Median wall seconds of ``sample()``."""
+def timed(sample, device: str, repeats: int) -> tuple[float, int]:
+    """Median wall seconds of ``sample()``, and the tokens its last run generated."""
     seconds = []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        sample()
+        samples = sample()
         synchronize(device)
         seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return statistics.median(seconds), sum(len(c) for group in samples for c in group)
 
 
 @hydra.main(config_path="../conf", config_name="bench_generate", version_base="1.3")
@@ -69,21 +69,22 @@ def main(cfg: DictConfig) -> None:
         return [s for start in range(0, len(prompts), size) for s in run(prompts[start : start + size])]
 
     run(prompts[:size])  # warm-up
-    generated = sum(len(c) for group in run(prompts) for c in group)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results = {
-        "bucketed": (timed(lambda: run(prompts), device, cfg.repeats), by_length),
-        "arrival_order": (timed(arrival_order, device, cfg.repeats), list(range(len(prompts)))),
+        "bucketed": (*timed(lambda: run(prompts), device, cfg.repeats), by_length),
+        "arrival_order": (*timed(arrival_order, device, cfg.repeats), list(range(len(prompts)))),
     }
-    print(f"device={device} prompts={len(prompts)} x {cfg.num_samples} samples, {generated} tokens generated")
-    for name, (seconds, order) in results.items():
+    print(f"device={device} prompts={len(prompts)} x {cfg.num_samples} samples")
+    rates = {}
+    for name, (seconds, generated, order) in results.items():
         batches = [order[start : start + size] for start in range(0, len(order), size)]
+        rates[name] = generated / seconds
         print(
-            f"{name}: {generated / seconds:.1f} tokens/s, {seconds:.1f} s,"
+            f"{name}: {rates[name]:.1f} tokens/s ({generated} tokens in {seconds:.1f} s),"
             f" prompt padding {padded_fraction(prompts, batches):.0%}"
         )
-    ratio = results["arrival_order"][0] / results["bucketed"][0]
-    print(f"generate_tokens_per_s bucketed={generated / results['bucketed'][0]:.1f} speedup={ratio:.2f}")
+    speedup = rates["bucketed"] / rates["arrival_order"]
+    print(f"generate_tokens_per_s bucketed={rates['bucketed']:.1f} speedup={speedup:.2f}")
 
 
 if __name__ == "__main__":
