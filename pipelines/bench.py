@@ -219,7 +219,7 @@ def pair_batches(
     at no extra forward pass), so the align step never runs a reference model; here they are the
     constant ``-log V`` a random-init reference gives to ~0.1 nat: constants of the loss, they do
     not change what a step costs."""
-    from directalign.stages.align import collate_pairs
+    from directalign.pairs import collate_pairs
 
     rows = [
         {

@@ -75,7 +75,7 @@ def synthetic_pairs(n_pairs: int, prompt_len: int, completion_len: int, vocab: i
 def align_throughput(args: argparse.Namespace) -> dict:
     """Train DPO steps of the real AlignModule under Lightning (bf16-mixed) and time them."""
     from directalign.lit.align import AlignModule
-    from directalign.stages.align import collate_pairs
+    from directalign.pairs import collate_pairs
 
     arch = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/llama_1b_random.yaml").architecture)
     config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=49152, **arch)

@@ -20,6 +20,8 @@ from directalign.store import MANIFEST, Artifact, Store
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
+    from directalign.stages.base import Stage
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
@@ -104,10 +106,11 @@ def artifact_files(store: Path) -> dict[str, list[dict]]:
     return artifacts
 
 
-def completed(store: Store, stage: str) -> Artifact:
-    """The one completed artifact of ``stage`` in a store that ran a single configuration."""
-    (manifest,) = store.root.glob(f"{stage}/*/{MANIFEST}")
-    return store.load(stage, manifest.parent.name)
+def completed(store: Store, stage: "Stage") -> Artifact:
+    """The one completed artifact of ``stage`` in a store that ran a single configuration, typed as
+    the stage declares its output."""
+    (manifest,) = store.root.glob(f"{stage.name}/*/{MANIFEST}")
+    return store.load(stage.name, manifest.parent.name, stage.output)
 
 
 def reuse_tokenizer(reference: Path, folder: Path) -> None:

@@ -4,14 +4,16 @@
 | bad input                             | caught by                     | outcome                         |
 | ------------------------------------- | ----------------------------- | ------------------------------- |
 | each row of CONFIG_ERRORS             | validate_config               | ConfigError naming the key      |
+| `method` overridden beside `compare`  | validate_config               | ConfigError naming `compare`    |
 | each row of SPLIT_ERRORS              | check_task_data (in sft.run)  | DataError: split, row, id       |
 | prompt longer than the model context  | check_prompt_lengths          | DataError: split, row, id       |
-| human pairs lacking a column          | reward.human_preferences      | DataError naming the column     |
-| human pair empty or identical         | reward.human_preferences      | dropped, counted                |
-| gold score NaN for a simulated pair   | reward.simulated_preferences  | dropped, counted                |
+| human pairs lacking a column          | human_preferences             | DataError naming the column     |
+| human pair empty or identical         | human_preferences             | dropped, counted                |
+| gold score NaN for a simulated pair   | simulated_preferences         | dropped, counted                |
 | reward NaN or inf for a sample        | generate stage                | dropped, counted in manifest    |
 | reward NaN at evaluation              | evaluate stage                | DataError: policy, row, id      |
-| NaN or inf training loss              | TrainModule.on_before_backward| FloatingPointError, ckpt kept   |
+| NaN or inf training loss              | TrainModule.on_before_backward| NonFiniteLossError, ckpt kept   |
+| off-policy data with no usable pair   | align stage                   | DataError naming the dataset    |
 | artifact file changed or cut short    | Store.load                    | CorruptArtifactError naming it  |
 | disk full while writing a manifest    | Store.run                     | no manifest, no temporary file  |
 | truncated last.ckpt (test_resume.py)  | resume_checkpoint             | removed, stage starts over      |
@@ -32,8 +34,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from directalign import artifacts
+from directalign.errors import NonFiniteLossError
 from directalign.lit.base import TrainModule
-from directalign.stages import evaluate, generate, reward
+from directalign.preferences import human_preferences, simulated_preferences
+from directalign.stages import ALIGN, EVALUATE, GENERATE, REWARD, SFT
 from directalign.stages.context import StageContext
 from directalign.store import CorruptArtifactError, Store, stage_key
 from directalign.tasks import build_task
@@ -177,13 +182,38 @@ def test_bad_config_is_refused_in_one_line_naming_the_key(overrides, message, tm
         validate_config(compose_config(overrides, tmp_path))
 
 
-def test_cli_prints_the_error_line_not_a_traceback(tmp_path):
-    command = [sys.executable, "pipelines/run.py", "experiment=smoke", "compare.dpo.beta=0"]
-    command.append(f"hydra.run.dir={tmp_path}")
+def test_method_override_beside_compare_is_refused_naming_compare(tmp_path):
+    overrides = ["experiment=smoke", "method.beta=0.5"]
+    with pytest.raises(
+        ConfigError,
+        match=r"^method\.beta=0\.5: this experiment aligns the methods of `compare` \(dpo, ipo, copg,"
+        r" avg_dpo, avg_ipo, avg_copg\), not `method`; override compare\.<name>\.<key> instead",
+    ):
+        validate_config(compose_config(overrides, tmp_path), overrides)
+    allowed = ["experiment=smoke", "compare.dpo.beta=0.5"]
+    validate_config(compose_config(allowed, tmp_path), allowed)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["compare.dpo.beta=0"], "directalign: compare.dpo.beta=0 must be > 0"),
+        (["method=copg"], "directalign: method=copg: this experiment aligns the methods of `compare`"),
+    ],
+    ids=["bad-value", "method-beside-compare"],
+)
+def test_cli_prints_the_error_line_not_a_traceback(tmp_path, overrides, line):
+    command = [
+        sys.executable,
+        "pipelines/run.py",
+        "experiment=smoke",
+        *overrides,
+        f"hydra.run.dir={tmp_path}",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "directalign: compare.dpo.beta=0 must be > 0"
+    assert result.stderr.strip().splitlines()[-1].startswith(line)
 
 
 def example_rows(split: str, n: int = 2) -> list[dict[str, str | None]]:
@@ -266,7 +296,7 @@ def preference_context(task: Task) -> SimpleNamespace:
 def test_human_pairs_without_a_column_are_refused():
     pairs = [{"id": "p0", "source": "article", "chosen": "good headline"}]
     with pytest.raises(DataError, match=r"preference pairs: missing column\(s\) \['rejected'\]"):
-        reward.human_preferences(preference_context(TableTask(pairs=pairs)))
+        human_preferences(preference_context(TableTask(pairs=pairs)))
 
 
 def test_empty_or_identical_human_pairs_are_dropped_and_counted():
@@ -276,8 +306,8 @@ def test_empty_or_identical_human_pairs_are_dropped_and_counted():
         {"id": "p2", "source": "article", "chosen": "same", "rejected": "same"},
         {"id": "p3", "source": "", "chosen": "good headline", "rejected": "bad headline"},
     ]
-    kept = reward.human_preferences(preference_context(TableTask(pairs=pairs)))
-    assert kept["chosen"] == ["good headline"] and kept["dropped"] == {"empty_or_identical": 3}
+    kept = human_preferences(preference_context(TableTask(pairs=pairs)))
+    assert kept.chosen == ["good headline"] and kept.dropped == {"empty_or_identical": 3}
 
 
 def non_finite_scorer(scorer_class):
@@ -307,25 +337,24 @@ def mini_context(mini_reference, tmp_path) -> tuple[StageContext, Store]:
 @pytest.mark.slow
 def test_nonfinite_rewards_of_samples_are_dropped_and_counted(mini_context, monkeypatch):
     ctx, reference = mini_context
-    monkeypatch.setattr(generate, "Scorer", non_finite_scorer(generate.Scorer))
-    artifact = generate.run(ctx, completed(reference, "sft"), completed(reference, "reward"))
+    monkeypatch.setattr(artifacts, "Scorer", non_finite_scorer(artifacts.Scorer))
+    artifact = GENERATE.run(ctx, {"sft": completed(reference, SFT), "reward": completed(reference, REWARD)})
     n_sampled = len(ctx.task.examples("offpolicy")) * ctx.cfg.stage.generate.num_completions
     n_scored = n_sampled - artifact.metrics["n_empty_dropped"]
     assert artifact.metrics["n_nonfinite_dropped"] == len(range(0, n_scored, 5)) + len(range(2, n_scored, 5))
-    table = datasets.load_from_disk(str(artifact.path / generate.DATA_DIR))
-    assert np.isfinite([r for rewards in table["reward"] for r in rewards]).all()
+    assert np.isfinite([r for rewards in artifact.dataset()["reward"] for r in rewards]).all()
 
 
 @pytest.mark.slow
 def test_nonfinite_reward_at_evaluation_is_refused_naming_the_row(mini_context, monkeypatch):
     ctx, reference = mini_context
-    monkeypatch.setattr(evaluate, "Scorer", non_finite_scorer(evaluate.Scorer))
-    sft, reward_model = completed(reference, "sft"), completed(reference, "reward")
+    monkeypatch.setattr(artifacts, "Scorer", non_finite_scorer(artifacts.Scorer))
+    sft, reward_model = completed(reference, SFT), completed(reference, REWARD)
     with pytest.raises(
         DataError,
         match=r"non-finite reward \(proxy nan, gold .*\) for row 0 \(id '.*'\) of split 'eval', and 3 more$",
     ):
-        evaluate.run(ctx, sft, reward_model, sft)
+        EVALUATE.run(ctx, {"sft": sft, "reward": reward_model, "policy": sft})
 
 
 @pytest.mark.slow
@@ -339,9 +368,29 @@ def test_nonfinite_gold_scores_of_simulated_pairs_are_dropped_and_counted(mini_c
         return scores
 
     monkeypatch.setattr(ctx.task, "gold_judge", lambda: SimpleNamespace(score=score))
-    pairs = reward.simulated_preferences(ctx, completed(reference, "sft"), seed=1)
-    assert pairs["dropped"]["nonfinite_gold"] == 1
-    assert np.isfinite(pairs["gold_margin"]).all()
+    pairs = simulated_preferences(ctx, completed(reference, SFT), seed=1)
+    assert pairs.dropped["nonfinite_gold"] == 1
+    assert np.isfinite(pairs.gold_margin).all()
+
+
+@pytest.mark.slow
+def test_offpolicy_data_without_a_usable_pair_is_refused_before_training(mini_context):
+    """Every pair tied: preference losses have nothing to order, so align refuses in one line."""
+    ctx, reference = mini_context
+    rows = completed(reference, GENERATE).dataset().to_list()
+    for row in rows:
+        row["reward"] = [0.0] * len(row["reward"])
+    tied = ctx.store.run(
+        "generate",
+        {"tied": True},
+        {},
+        lambda folder: artifacts.OffPolicyData.save(folder, rows) or {},
+        kind=artifacts.OffPolicyData,
+    )
+    inputs = {"sft": completed(reference, SFT), "reward": completed(reference, REWARD), "offpolicy": tied}
+    with pytest.raises(DataError, match=r"^align dpo: the off-policy dataset .* yields no usable pairs$"):
+        ALIGN.run(ctx.for_method("dpo", ctx.cfg.compare.dpo), inputs)
+    assert not list(ctx.store.root.glob("align/*/manifest.json"))
 
 
 class ExplodingRegression(TrainModule):
@@ -366,7 +415,7 @@ def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_pa
     stage = OmegaConf.create({"epochs": 1, "checkpoint_every_n_steps": 1})
     trainer = build_trainer(cfg, stage, tmp_path, "test", {}, enable_progress_bar=False)
     with pytest.raises(
-        FloatingPointError, match=r"^non-finite training loss \((nan|inf)\) at step 3, epoch 0:"
+        NonFiniteLossError, match=r"^non-finite training loss \((nan|inf)\) at step 3, epoch 0:"
     ):
         trainer.fit(
             ExplodingRegression(3, value), train_dataloaders=DataLoader(torch.ones(8, 2), batch_size=1)
@@ -378,7 +427,7 @@ def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_changed_or_truncated_artifact_is_refused_naming_the_file(tmp_path):
     store = Store(tmp_path)
-    artifact = store.run("sft", {}, [], lambda folder: (folder / "weights.bin").write_bytes(b"1234") and {})
+    artifact = store.run("sft", {}, {}, lambda folder: (folder / "weights.bin").write_bytes(b"1234") and {})
     (artifact.path / "weights.bin").write_bytes(b"12")
     with pytest.raises(CorruptArtifactError, match=r"weights\.bin does not match .*manifest\.json"):
         store.load("sft", artifact.key)
@@ -392,8 +441,8 @@ def test_disk_full_while_writing_a_manifest_leaves_nothing_to_trust(tmp_path, mo
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError, match="No space left"):
-        store.run("sft", {}, [], lambda folder: (folder / "weights.bin").write_bytes(b"1234") and {})
+        store.run("sft", {}, {}, lambda folder: (folder / "weights.bin").write_bytes(b"1234") and {})
     monkeypatch.undo()
-    folder = store.path("sft", stage_key("sft", {}, []))
+    folder = store.path("sft", stage_key("sft", {}, {}))
     assert sorted(p.name for p in folder.iterdir()) == ["weights.bin"]
-    assert store.run("sft", {}, [], lambda folder: {}).path == folder
+    assert store.run("sft", {}, {}, lambda folder: {}).path == folder

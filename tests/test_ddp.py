@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 from filelock import FileLock
 
-from directalign.store import MANIFEST, RankWaitTimeout, Store, is_rank_zero, stage_key
+from directalign.distributed import is_rank_zero
+from directalign.store import MANIFEST, Ranks, RankWaitTimeout, Store, stage_key
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
@@ -49,7 +50,7 @@ def write_file(folder):
 def test_other_rank_joins_a_training_stage_without_the_lock_and_never_writes(tmp_path, clean_rank_env):
     """Rank 0 holds the lock through trainer.fit; rank 1 must compute alongside it, then wait."""
     store = Store(tmp_path, poll_interval_s=0.05)
-    key = stage_key("align", {"lr": 1}, [])
+    key = stage_key("align", {"lr": 1}, {})
     folder = store.path("align", key)
     folder.parent.mkdir(parents=True)
     joined, result = threading.Event(), {}
@@ -59,7 +60,7 @@ def test_other_rank_joins_a_training_stage_without_the_lock_and_never_writes(tmp
         return {"ignored": True}
 
     def rank_one():
-        result["artifact"] = store.run("align", {"lr": 1}, [], rank_one_compute)
+        result["artifact"] = store.run("align", {"lr": 1}, {}, rank_one_compute, ranks=Ranks.COLLECTIVE)
 
     clean_rank_env.setenv("LOCAL_RANK", "1")
     with FileLock(str(folder) + ".lock"):
@@ -70,7 +71,7 @@ def test_other_rank_joins_a_training_stage_without_the_lock_and_never_writes(tmp
     time.sleep(0.2)
     assert thread.is_alive(), "rank 1 returned before rank 0 wrote the manifest"
     assert not (folder / MANIFEST).exists()
-    rank_zero = store.run("align", {"lr": 1}, [], write_file)
+    rank_zero = store.run("align", {"lr": 1}, {}, write_file, ranks=Ranks.COLLECTIVE)
     thread.join(10)
     assert result["artifact"].key == rank_zero.key
     assert result["artifact"].metrics == {"value": 1}, "rank 1's metrics must not reach the manifest"
@@ -81,16 +82,16 @@ def test_other_rank_waits_for_a_non_training_stage_and_times_out_clearly(tmp_pat
     store = Store(tmp_path, wait_timeout_s=0.3, poll_interval_s=0.05)
     calls = []
     with pytest.raises(RankWaitTimeout, match="rank 0 to write .*generate"):
-        store.run("generate", {"n": 1}, [], lambda folder: calls.append(folder) or {})
+        store.run("generate", {"n": 1}, {}, lambda folder: calls.append(folder) or {})
     assert calls == [], "only rank 0 generates"
     assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob(MANIFEST))
 
 
 def test_other_rank_reuses_a_completed_artifact(tmp_path, clean_rank_env):
     store = Store(tmp_path)
-    done = store.run("generate", {"n": 1}, [], write_file)
+    done = store.run("generate", {"n": 1}, {}, write_file)
     clean_rank_env.setenv("SLURM_PROCID", "3")
-    assert store.run("generate", {"n": 1}, [], pytest.fail).path == done.path
+    assert store.run("generate", {"n": 1}, {}, pytest.fail).path == done.path
 
 
 def test_per_rank_seed_gives_other_ranks_their_own_noise_and_leaves_rank_zero_alone():
@@ -133,7 +134,7 @@ def align_once(out: Path, devices: int, batch_size: int) -> None:
 
     sys.path.insert(0, str(ROOT))
     from directalign.lit.align import AlignModule
-    from directalign.stages.align import collate_pairs
+    from directalign.pairs import collate_pairs
     from directalign.training import build_trainer
     from tests.conftest import compose_config, tiny_llama
 

@@ -16,10 +16,9 @@ or concurrency. Deterministic mode changes the kernels, so its numbers differ (r
 default's; CPU and GPU, two GPU models, or two CUDA or PyTorch versions do not agree bit for bit.
 """
 
-import datasets
 import pytest
 
-from directalign.stages import generate
+from directalign.stages import GENERATE, REWARD, SFT
 from directalign.stages.context import StageContext
 from directalign.store import Store
 from directalign.tasks import build_task
@@ -43,9 +42,9 @@ def test_another_seed_samples_other_completions(mini_reference, tmp_path):
     cfg = compose_config([*MINI_SMOKE, "seed=1"], tmp_path)
     store, reference = Store(cfg.paths.store), Store(mini_reference / "store")
     ctx = StageContext(cfg, store, build_task(cfg.task, store.root / "tasks" / cfg.task.name))
-    sft, reward, seed0 = (completed(reference, stage) for stage in ("sft", "reward", "generate"))
-    seed1 = generate.run(ctx, sft, reward)
-    ours, theirs = (datasets.load_from_disk(str(a.path / generate.DATA_DIR)) for a in (seed1, seed0))
+    sft, reward, seed0 = (completed(reference, stage) for stage in (SFT, REWARD, GENERATE))
+    seed1 = GENERATE.run(ctx, {"sft": sft, "reward": reward})
+    ours, theirs = (artifact.dataset() for artifact in (seed1, seed0))
     seed0_samples = dict(zip(theirs["id"], theirs["completion_ids"], strict=True))
     common = [
         (seed0_samples[i], c)

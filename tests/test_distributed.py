@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from directalign.distributed import broadcast_from_rank_zero, map_sharded, shard, world
 from directalign.generation import sample_completions
-from directalign.store import Store
+from directalign.store import Ranks, Store
 from tests.conftest import tiny_llama
 from tests.test_ddp import LLAMA
 
@@ -50,8 +50,8 @@ def on_two_ranks(rank: int, port: int, out: Path, task: str) -> None:
                 calls.append(folder.name)
                 return {"squares": map_sharded(list(range(10)), lambda xs: [x * x for x in xs])}
 
-            first = store.run("evaluate", {"n": 1}, [], squares)
-            again = store.run("evaluate", {"n": 1}, [], squares)
+            first = store.run("evaluate", {"n": 1}, {}, squares, ranks=Ranks.SHARDED)
+            again = store.run("evaluate", {"n": 1}, {}, squares, ranks=Ranks.SHARDED)
             result = {"calls": len(calls), "metrics": [first.metrics, again.metrics]}
             torch.save(result, out / f"rank{rank}.pt")
     finally:

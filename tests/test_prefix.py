@@ -15,8 +15,8 @@ from transformers import LlamaForCausalLM
 from directalign.lit.align import AlignModule
 from directalign.logprobs import completion_logps
 from directalign.models import with_lora
+from directalign.pairs import collate_pairs
 from directalign.prefix import shared_prompt_completion_logps
-from directalign.stages.align import collate_pairs
 from tests.conftest import tiny_llama
 
 PAD = 0

@@ -1,16 +1,21 @@
-"""The results contract that report.py writes, and the curves a sweep report reads back."""
+"""The results contract that report.py writes, and the policy records a sweep report reads back."""
 
 import csv
 import json
 import math
 
-from directalign.report import CURVES_FILE, SUMMARY_COLUMNS, paired_difference, write_report
+from directalign.prompts import Prompts
+from directalign.report import POLICIES_FILE, SUMMARY_COLUMNS, paired_difference, write_report
 from tests.test_wandb import fake_results
 
 
-def test_report_writes_the_contract_and_the_aligned_curves(tmp_path):
+def prompts(ids: list[str], sources: list[str], references: list[str]) -> Prompts:
+    return Prompts("eval", [[1]] * len(ids), ids, sources, references, n_truncated=0)
+
+
+def test_report_writes_the_contract_and_the_policy_records(tmp_path):
     results = fake_results()
-    examples = {"id": ["p0", "p1"], "source": ["One article.", "Another."], "reference": ["One", "Two"]}
+    examples = prompts(["p0", "p1"], ["One article.", "Another."], ["One", "Two"])
 
     rows = write_report(results, examples, tmp_path, seed=3)
 
@@ -21,8 +26,10 @@ def test_report_writes_the_contract_and_the_aligned_curves(tmp_path):
     assert rows[1]["win_rate_vs_sft"] == 1.0 and table[1]["seed"] == "3"
     for name in ("summary.md", "length_vs_score.png", "reward_vs_kl.png", "reward_vs_step.png", "samples.md"):
         assert (tmp_path / name).stat().st_size > 0, name
-    curves = json.loads((tmp_path / CURVES_FILE).read_text())
-    assert curves == [{"method": "dpo", "beta": 0.1, "length_power": 0.0, "points": results[1].curve}]
+    records = json.loads((tmp_path / POLICIES_FILE).read_text())
+    assert [r["method"] for r in records] == ["sft", "dpo"] and records[0]["beta"] is None
+    assert records[1]["curve"] == results[1].curve and records[1]["policy"] == results[1].policy
+    assert {k: records[1][k] for k in SUMMARY_COLUMNS} == rows[1]
 
 
 def test_paired_difference_by_hand():
@@ -36,7 +43,7 @@ def test_paired_difference_by_hand():
 def test_paired_table_lists_every_policy_against_sft_and_the_contrasts(tmp_path):
     results = fake_results()
     results[1].samples[0]["completion"] = "another headline"
-    no_examples = {"id": [], "source": [], "reference": []}
+    no_examples = prompts([], [], [])
     write_report(results, no_examples, tmp_path, seed=0, contrasts=[["sft", "dpo"]])
     rows = [line for line in (tmp_path / "paired.md").read_text().splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| dpo - sft", "| sft - dpo"]

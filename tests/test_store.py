@@ -20,8 +20,8 @@ def test_rerun_skips_completed_stage(tmp_path):
         calls.append(folder)
         return write_file(folder)
 
-    first = store.run("sft", {"lr": 1}, [], compute)
-    second = store.run("sft", {"lr": 1}, [], compute)
+    first = store.run("sft", {"lr": 1}, {}, compute)
+    second = store.run("sft", {"lr": 1}, {}, compute)
     assert len(calls) == 1
     assert first.key == second.key and second.metrics == {"value": 1}
     manifest = json.loads((first.path / MANIFEST).read_text())
@@ -36,8 +36,8 @@ def test_crash_leaves_no_manifest_and_rerun_recomputes(tmp_path):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        store.run("sft", {"lr": 1}, [], crash)
-    key = stage_key("sft", {"lr": 1}, [])
+        store.run("sft", {"lr": 1}, {}, crash)
+    key = stage_key("sft", {"lr": 1}, {})
     assert not (store.path("sft", key) / MANIFEST).exists()
     assert store.load("sft", key) is None
     seen = []
@@ -46,22 +46,32 @@ def test_crash_leaves_no_manifest_and_rerun_recomputes(tmp_path):
         seen.append((folder / "partial.txt").read_text())
         return write_file(folder)
 
-    store.run("sft", {"lr": 1}, [], resume)
+    store.run("sft", {"lr": 1}, {}, resume)
     assert seen == ["half"], "a rerun works in the same folder, so it can resume from what was left"
 
 
 def test_key_changes_with_upstream_not_with_downstream(tmp_path):
     store = Store(tmp_path)
-    sft_a = store.run("sft", {"lr": 1}, [], write_file)
-    sft_b = store.run("sft", {"lr": 2}, [], write_file)
-    reward_a = store.run("reward", {"x": 0}, [sft_a], write_file)
-    reward_b = store.run("reward", {"x": 0}, [sft_b], write_file)
+    sft_a = store.run("sft", {"lr": 1}, {}, write_file)
+    sft_b = store.run("sft", {"lr": 2}, {}, write_file)
+    reward_a = store.run("reward", {"x": 0}, {"sft": sft_a}, write_file)
+    reward_b = store.run("reward", {"x": 0}, {"sft": sft_b}, write_file)
     assert sft_a.key != sft_b.key
     assert reward_a.key != reward_b.key
-    align_dpo = store.run("align", {"method": "dpo"}, [sft_a, reward_a], write_file)
-    align_copg = store.run("align", {"method": "copg"}, [sft_a, reward_a], write_file)
+    align_dpo = store.run("align", {"method": "dpo"}, {"sft": sft_a, "reward": reward_a}, write_file)
+    align_copg = store.run("align", {"method": "copg"}, {"sft": sft_a, "reward": reward_a}, write_file)
     assert align_dpo.key != align_copg.key
-    assert store.run("sft", {"lr": 1}, [], write_file).key == sft_a.key
+    assert store.run("sft", {"lr": 1}, {}, write_file).key == sft_a.key
+
+
+def test_the_same_artifact_in_two_roles_is_two_inputs(tmp_path):
+    """The SFT baseline's evaluation takes the SFT policy as both reference and evaluated policy."""
+    store = Store(tmp_path)
+    sft = store.run("sft", {}, {}, write_file)
+    other = store.run("sft", {"lr": 2}, {}, write_file)
+    both = stage_key("evaluate", {}, {"sft": sft, "policy": sft})
+    assert both != stage_key("evaluate", {}, {"sft": sft, "policy": other})
+    assert both != stage_key("evaluate", {}, {"sft": sft})
 
 
 def test_scratch_checkpoints_removed_on_completion(tmp_path):
@@ -72,13 +82,13 @@ def test_scratch_checkpoints_removed_on_completion(tmp_path):
         (folder / "checkpoints" / "last.ckpt").write_text("x")
         return write_file(folder)
 
-    artifact = store.run("sft", {}, [], compute)
+    artifact = store.run("sft", {}, {}, compute, scratch=("checkpoints",))
     assert not (artifact.path / "checkpoints").exists()
 
 
 def test_tampered_file_is_refused(tmp_path):
     store = Store(tmp_path)
-    artifact = store.run("sft", {}, [], write_file)
+    artifact = store.run("sft", {}, {}, write_file)
     (artifact.path / "out.txt").write_text("HELLO")
     with pytest.raises(CorruptArtifactError, match="out.txt"):
         store.load("sft", artifact.key)

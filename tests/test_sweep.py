@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from directalign.report import PolicyResult, write_curves, write_tables
+from directalign.report import PolicyResult, write_policies, write_tables
 from directalign.sweep import REPORT_DIR, write_sweep_report
 from tests.conftest import ROOT
 from tests.test_wandb import read_offline_run
@@ -26,20 +26,23 @@ def fake_job(folder: Path, method: str, beta: float, gold: float) -> None:
             "proxy_reward": proxy,
             "gold_reward": gold_reward,
             "length_tokens": length,
-            "kl_to_ref": 0.0 if b == "" else 1 / beta,
+            "kl_to_ref": 0.0 if b is None else 1 / beta,
             "win_rate_vs_sft": 0.5,
             "n_prompts": 8,
             "seed": 0,
         }
 
-    write_tables(
-        [row("sft", "", "", 0.0, 0.1, 10.0), row(method, beta, 0.0, gold + 1, gold, 12.0 + beta)], folder
-    )
+    rows = [row("sft", None, None, 0.0, 0.1, 10.0), row(method, beta, 0.0, gold + 1, gold, 12.0 + beta)]
     curve = [
         {"step": s, "proxy_reward": s * gold, "gold_reward": s * gold / 2, "length_tokens": 12.0}
         for s in (0, 2)
     ]
-    write_curves([PolicyResult(method, beta, 0.0, {}, [], curve)], folder)
+    results = [
+        PolicyResult("sft", None, None, {}, [], policy="sft/0"),
+        PolicyResult(method, beta, 0.0, {}, [], curve, f"align/{method}{beta}"),
+    ]
+    write_tables(rows, folder)
+    write_policies(results, rows, folder)
 
 
 def test_sweep_report_picks_each_methods_best_beta_by_gold(tmp_path):

@@ -25,7 +25,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def test_every_experiment_is_valid(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
     validate_config(cfg)  # raises ConfigError on a refused value
-    assert all(method.beta > 0 for method in methods_to_align(cfg))
+    assert all(method.beta > 0 for method in methods_to_align(cfg).values())
 
 
 def test_a_bad_config_fails_before_the_store_or_the_task_is_touched(tmp_path):

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import wandb
 
+from directalign.prompts import Prompts
 from directalign.report import PolicyResult, log_wandb, write_report
 from directalign.training import wandb_run_args
 from tests.conftest import compose_config
@@ -95,15 +96,15 @@ def fake_results() -> list[PolicyResult]:
         for step in (0, 4, 8)
     ]
     return [
-        PolicyResult("sft", None, None, metrics(0.0), samples(0.0)),
-        PolicyResult("dpo", 0.1, 0.0, metrics(0.3), samples(0.3), curve),
+        PolicyResult("sft", None, None, metrics(0.0), samples(0.0), policy="sft/0"),
+        PolicyResult("dpo", 0.1, 0.0, metrics(0.3), samples(0.3), curve, "align/1"),
     ]
 
 
 def test_evaluation_run_has_tables_plots_tags_and_group(tmp_path):
     cfg = compose_config(["logger=wandb", "logger.wandb.group=sweep-test", "method=dpo"], tmp_path)
     results = fake_results()
-    examples = {"id": ["p0"], "source": ["An article."], "reference": ["A headline"]}
+    examples = Prompts("eval", [[1]], ["p0"], ["An article."], ["A headline"], n_truncated=0)
     out = tmp_path / "results"
     rows = write_report(results, examples, out, seed=0)
     tags = {"stage": "evaluate", "method": "dpo", "beta": 0.1, "length_power": 0.0}

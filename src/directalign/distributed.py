@@ -7,6 +7,7 @@ since each rank draws its own random numbers: the store key does not hold the wo
 does not hold the device either.
 """
 
+import os
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -15,6 +16,20 @@ import torch.distributed as dist
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+
+
+def is_rank_zero() -> bool:
+    """False in any process that torchrun (RANK), SLURM (SLURM_PROCID) or Lightning's DDP launcher
+    (LOCAL_RANK, NODE_RANK) marked as another rank; True in a plain single process.
+
+    Read from the environment because Lightning's launcher starts the other ranks only at the
+    first ``trainer.fit``, as fresh runs of the same command, long before any process group exists;
+    the one test every stage uses, before and after the group exists.
+    """
+    return all(int(os.environ.get(name, "0")) == 0 for name in RANK_VARIABLES)
 
 
 def world() -> tuple[int, int]:

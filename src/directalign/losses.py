@@ -1,8 +1,22 @@
 """Direct-alignment losses as pure tensor functions.
 
-Every function takes per-sequence tensors and returns the unreduced per-pair loss, so the
-caller chooses the reduction. Formulas follow ../shared/PAPERS.md: ``h`` is the policy/reference
-log-ratio summed over completion tokens, divided by ``|y| ** length_power``.
+Every function takes per-sequence tensors and returns the unreduced per-pair loss, so the caller
+chooses the reduction. Notation: for a prompt x and a completion y of ``|y|`` tokens,
+``h(y) = sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]`` is the policy/reference
+log-ratio summed over completion tokens (prompt and padding never count), and
+``h_a(y) = h(y) / |y|**a`` its length-normalised form: a = 0 is the summed log-ratio of DPO, IPO and
+CoPG; a = 1 averages both log-likelihoods over the completion ("Averaging log-likelihoods in direct
+alignment", 2024). For a pair (w, l) or (a, b) of completions of one prompt:
+
+- DPO: ``-log sigmoid(beta (h_w - h_l))``
+- IPO: ``(h_w - h_l - 1 / (2 beta))**2`` (the summed IPO of the paper; TRL's "ipo" is a = 1)
+- CoPG ("Contrastive Policy Gradient", 2024), with rewards R and ``R_beta = R - beta h``: the paper
+  maximises ``(R_{beta/2}(a) - R_{beta/2}(b)) (h_a - h_b)``, whose gradient is
+  ``(R_beta(a) - R_beta(b)) (grad h_a - grad h_b)`` (its Eq. 19). With ``D = R(a) - R(b)`` and
+  ``d = h_a - h_b`` the objective is ``D d - beta d**2 / 2``, so minimising
+  ``(D - beta d)**2 / (2 beta)`` has exactly that gradient: a regression of the log-ratio gap onto
+  the reward gap over beta, whose optimum is ``pi_ref exp(R / beta)``. With ``R = +-1/4`` it is IPO
+  scaled by beta / 2.
 """
 
 import torch

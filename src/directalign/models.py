@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from directalign.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -29,11 +31,9 @@ def _gguf_path(cfg: DictConfig) -> Path:
     try:
         path = Path(importlib.metadata.distribution(cfg.gguf_package).locate_file(cfg.gguf_file))
     except importlib.metadata.PackageNotFoundError as error:
-        raise FileNotFoundError(
-            f"model needs the package {cfg.gguf_package!r}: run `make install`"
-        ) from error
+        raise ConfigError(f"model needs the package {cfg.gguf_package!r}: run `make install`") from error
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
+        raise ConfigError(f"model: GGUF file not found: {path}")
     return path
 
 
@@ -78,7 +78,7 @@ def _package_dir(package: str, subdir: str) -> Path:
     try:
         return Path(str(importlib.resources.files(package) / subdir))
     except ModuleNotFoundError as error:
-        raise FileNotFoundError(f"reward model needs the package {package!r}: run `make install`") from error
+        raise ConfigError(f"reward model needs the package {package!r}: run `make install`") from error
 
 
 def pretrained_source(cfg: DictConfig, cache_root: Path) -> str:
@@ -89,9 +89,9 @@ def pretrained_source(cfg: DictConfig, cache_root: Path) -> str:
         return cfg.hub_id
     if cfg.source == "path":
         if not Path(cfg.path).is_dir():
-            raise FileNotFoundError(f"model.path does not exist: {cfg.path}")
+            raise ConfigError(f"model.path={cfg.path} does not exist")
         return cfg.path
-    raise ValueError(f"model.source must be gguf, hub, path or random, got {cfg.source!r}")
+    raise ConfigError(f"model.source must be gguf, hub, path or random, got {cfg.source!r}")
 
 
 def load_tokenizer(cfg: DictConfig, cache_root: Path) -> PreTrainedTokenizerBase:
@@ -140,7 +140,7 @@ def build_reward_model(
         tokenizer = AutoTokenizer.from_pretrained(sft_dir)
         model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)
     else:
-        raise ValueError(f"reward_model.source must be package, random or sft_policy, got {cfg.source!r}")
+        raise ConfigError(f"reward_model.source must be package, random or sft_policy, got {cfg.source!r}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

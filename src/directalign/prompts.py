@@ -1,12 +1,28 @@
 """Turn a task's sources into chat-formatted prompt token ids within a token budget."""
 
 import logging
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from directalign.tasks.base import Task
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Prompt token ids of one split's examples, with the (truncated) sources the reward models read."""
+
+    split: str
+    ids: list[list[int]]
+    example_ids: list[str]
+    sources: list[str]
+    references: list[str]
+    n_truncated: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def truncate_source(tokenizer: PreTrainedTokenizerBase, source: str, max_tokens: int) -> tuple[str, bool]:
@@ -49,3 +65,8 @@ def build_prompts(
 def completion_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Token ids of reference completions, ending with eos so the policy learns to stop."""
     return [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for text in texts]
+
+
+def decode_completions(tokenizer: PreTrainedTokenizerBase, completions: list[list[int]]) -> list[str]:
+    """Completion texts as the reward models read them: special tokens dropped, whitespace stripped."""
+    return [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]

@@ -1,5 +1,5 @@
 """Tables and plots of the results contract (summary.csv/.md and the three plots), paired differences
-between policies, the curves a sweep report reads back, and the same tables and plots as a wandb run."""
+between policies, the policy records a sweep report reads back, and the same as a wandb run."""
 
 import csv
 import json
@@ -11,10 +11,15 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from directalign.artifacts import AlignedPolicy, EvalRecord
+from directalign.prompts import Prompts
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-CURVES_FILE = "curves.json"
+# Every policy of a results folder as typed JSON (its summary row, curve and store artifact): what a
+# sweep report reads, so no number round-trips through CSV text.
+POLICIES_FILE = "policies.json"
 PLOTS = ("length_vs_score.png", "reward_vs_kl.png", "reward_vs_step.png")
 METRIC_COLUMNS = ("proxy_reward", "gold_reward", "length_tokens", "kl_to_ref", "win_rate_vs_sft")
 SUMMARY_COLUMNS = (
@@ -33,7 +38,8 @@ SUMMARY_COLUMNS = (
 
 @dataclass
 class PolicyResult:
-    """One evaluated policy: its label, evaluation metrics, per-prompt samples, and training curve."""
+    """One evaluated policy: its name, method settings, evaluation metrics and per-prompt samples,
+    training curve, and the store artifact it came from (``<stage>/<key>``)."""
 
     method: str
     beta: float | None
@@ -41,6 +47,23 @@ class PolicyResult:
     metrics: dict[str, Any]
     samples: list[dict[str, Any]]
     curve: list[dict[str, Any]] = field(default_factory=list)
+    policy: str = ""
+
+    @classmethod
+    def of(cls, name: str, evaluation: EvalRecord, aligned: AlignedPolicy | None = None) -> "PolicyResult":
+        """The SFT baseline (no ``aligned``) or an aligned policy, its settings read from its manifest."""
+        if aligned is None:
+            return cls(name, None, None, evaluation.metrics, evaluation.samples, policy=evaluation.policy)
+        method = aligned.method
+        return cls(
+            name,
+            method["beta"],
+            method["length_power"],
+            evaluation.metrics,
+            evaluation.samples,
+            aligned.curve(),
+            evaluation.policy,
+        )
 
     @property
     def label(self) -> str:
@@ -102,6 +125,7 @@ def write_paired(results: list[PolicyResult], contrasts: list[list[str]], out: P
 
 
 def summary_rows(results: list[PolicyResult], seed: int) -> list[dict[str, Any]]:
+    """One row per policy in SUMMARY_COLUMNS; None where a value does not apply (written empty)."""
     baseline = results[0].samples
     rows = []
     for result in results:
@@ -109,10 +133,10 @@ def summary_rows(results: list[PolicyResult], seed: int) -> list[dict[str, Any]]
         rows.append(
             {
                 "method": result.method,
-                "beta": "" if result.beta is None else result.beta,
-                "length_power": "" if result.length_power is None else result.length_power,
+                "beta": result.beta,
+                "length_power": result.length_power,
                 "proxy_reward": m["proxy_reward"],
-                "gold_reward": "" if m["gold_reward"] is None else m["gold_reward"],
+                "gold_reward": m["gold_reward"],
                 "length_tokens": m["length_tokens"],
                 "kl_to_ref": m["kl_to_ref"],
                 "win_rate_vs_sft": win_rate(result.samples, baseline),
@@ -194,18 +218,18 @@ def plot_curves(results: list[PolicyResult], path: Path) -> None:
     save_figure(fig, "Reward of greedy samples on held-out prompts during alignment", path)
 
 
-def write_samples(results: list[PolicyResult], examples: dict[str, list], out: Path, n: int) -> None:
+def write_samples(results: list[PolicyResult], prompts: Prompts, out: Path, n: int) -> None:
     """A few held-out sources with the human reference and every policy's output, to judge by eye."""
     by_policy = [{s["id"]: s for s in r.samples} for r in results]
     lines = ["# Samples on held-out prompts", ""]
-    for i in range(min(n, len(examples["id"]))):
-        sample_id = examples["id"][i]
+    for i in range(min(n, len(prompts))):
+        sample_id = prompts.example_ids[i]
         lines += [
             f"## {sample_id}",
             "",
-            f"> {examples['source'][i]}",
+            f"> {prompts.sources[i]}",
             "",
-            f"- **human**: {examples['reference'][i]}",
+            f"- **human**: {prompts.references[i]}",
         ]
         for result, samples in zip(results, by_policy, strict=True):
             if sample_id in samples:
@@ -218,7 +242,7 @@ def write_samples(results: list[PolicyResult], examples: dict[str, list], out: P
 
 def write_report(
     results: list[PolicyResult],
-    examples: dict[str, list],
+    prompts: Prompts,
     out: Path,
     seed: int,
     contrasts: list[list[str]] = (),
@@ -245,19 +269,18 @@ def write_report(
     )
     if any(r.curve for r in results):
         plot_curves(results, out / "reward_vs_step.png")
-    write_curves(results, out)
-    write_samples(results, examples, out, n_samples)
+    write_policies(results, rows, out)
+    write_samples(results, prompts, out, n_samples)
     return rows
 
 
-def write_curves(results: list[PolicyResult], out: Path) -> None:
-    """Each aligned policy's reward-vs-step points, for the sweep report to read back."""
-    curves = [
-        {"method": r.method, "beta": r.beta, "length_power": r.length_power, "points": r.curve}
-        for r in results
-        if r.beta is not None
+def write_policies(results: list[PolicyResult], rows: list[dict[str, Any]], out: Path) -> None:
+    """Each policy's summary row with its curve and store artifact, for the sweep report to read back."""
+    records = [
+        row | {"curve": result.curve, "policy": result.policy}
+        for result, row in zip(results, rows, strict=True)
     ]
-    (out / CURVES_FILE).write_text(json.dumps(curves, indent=2))
+    (out / POLICIES_FILE).write_text(json.dumps(records, indent=2))
 
 
 def log_wandb(results: list[PolicyResult], rows: list[dict[str, Any]], out: Path, **init: Any) -> Path:
@@ -269,8 +292,7 @@ def log_wandb(results: list[PolicyResult], rows: list[dict[str, Any]], out: Path
     import wandb  # here, so that runs without wandb logging never import it
 
     scores = [key for key, _ in _scores(results)]
-    # wandb types a column by its values: the SFT row's blank beta must be None, not "".
-    cells = [[None if row[c] == "" else row[c] for c in SUMMARY_COLUMNS] for row in rows]
+    cells = [[row[c] for c in SUMMARY_COLUMNS] for row in rows]
     summary = wandb.Table(columns=list(SUMMARY_COLUMNS), data=cells)
     points = [
         [r.label, p["step"], *(p[key] for key in scores), p["length_tokens"]]
@@ -298,7 +320,7 @@ def log_wandb(results: list[PolicyResult], rows: list[dict[str, Any]], out: Path
         prefixes[1].append("eval")
     for row, names in zip(rows, prefixes, strict=True):
         for column in METRIC_COLUMNS:
-            if row[column] != "":
+            if row[column] is not None:
                 logged |= {f"{name}/{column}": row[column] for name in names}
     Path(init.get("dir", ".")).mkdir(parents=True, exist_ok=True)
     with wandb.init(**init) as run:

@@ -1,7 +1,7 @@
 """One report for a Hydra multirun over methods and betas (paper B's Figures 5 and 6).
 
 Each job of the sweep evaluates its own policy into its results folder (summary.csv and
-curves.json, see report.py); this module reads every job back and writes, into
+policies.json, see report.py); this module reads every job back and writes, into
 ``<sweep dir>/sweep_report/``: one table row per aligned policy, the final reward against beta per
 method with the length of generations beside it, and the reward against step at each method's best
 beta, for the proxy reward model and the gold judge. Hydra runs it when a multirun ends (the
@@ -19,8 +19,8 @@ import matplotlib
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from directalign.report import CURVES_FILE, SUMMARY_COLUMNS, format_cell, save_figure
-from directalign.store import is_rank_zero
+from directalign.distributed import is_rank_zero
+from directalign.report import POLICIES_FILE, SUMMARY_COLUMNS, format_cell, save_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,15 +29,6 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = "sweep_report"
 SWEEP_COLUMNS = ("job", *SUMMARY_COLUMNS)
-NUMERIC = (
-    "beta",
-    "length_power",
-    "proxy_reward",
-    "gold_reward",
-    "length_tokens",
-    "kl_to_ref",
-    "win_rate_vs_sft",
-)
 SERIES = (
     ("proxy_reward", "proxy reward (learned RM)"),
     ("gold_reward", "gold reward"),
@@ -45,37 +36,19 @@ SERIES = (
 )
 
 
-def _number(value: str) -> float | None:
-    return None if value == "" else float(value)
-
-
 def collect_jobs(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The aligned policies of every job (each with its job folder and reward curve), and the
     SFT baselines the jobs report (one per distinct upstream, usually exactly one)."""
     rows, baselines = [], []
-    for summary in sorted(sweep_dir.rglob("summary.csv")):
-        if REPORT_DIR in summary.relative_to(sweep_dir).parts:
+    for records in sorted(sweep_dir.rglob(POLICIES_FILE)):
+        if REPORT_DIR in records.relative_to(sweep_dir).parts:
             continue
-        curves_file = summary.parent / CURVES_FILE
-        curves = json.loads(curves_file.read_text()) if curves_file.is_file() else []
-        with summary.open() as handle:
-            for row in csv.DictReader(handle):
-                parsed = {k: _number(row[k]) if k in NUMERIC else row[k] for k in SUMMARY_COLUMNS}
-                if parsed["beta"] is None:
-                    if parsed not in baselines:
-                        baselines.append(parsed)
-                    continue
-                parsed["job"] = summary.parent.relative_to(sweep_dir).as_posix()
-                parsed["curve"] = next(
-                    (
-                        c["points"]
-                        for c in curves
-                        if (c["method"], c["beta"], c["length_power"])
-                        == (parsed["method"], parsed["beta"], parsed["length_power"])
-                    ),
-                    [],
-                )
-                rows.append(parsed)
+        for record in json.loads(records.read_text()):
+            if record["beta"] is None:
+                if record["policy"] not in [b["policy"] for b in baselines]:
+                    baselines.append(record)
+                continue
+            rows.append(record | {"job": records.parent.relative_to(sweep_dir).as_posix()})
     rows.sort(key=lambda r: (r["method"], r["length_power"], r["beta"]))
     return rows, baselines
 

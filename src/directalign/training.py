@@ -1,4 +1,5 @@
-"""Build a Lightning Trainer for one stage: loggers, resumable checkpoints, the trainer group's kwargs."""
+"""Train one stage with Lightning: loggers, resumable checkpoints, the trainer group's kwargs, and the
+fit -> close wandb -> gather the weights sequence every training stage runs."""
 
 import itertools
 import logging
@@ -20,7 +21,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import RandomSampler, Sampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
+from transformers import PreTrainedModel
+
+from directalign.distributed import is_rank_zero
+from directalign.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +184,6 @@ def build_trainer(
         every_n_train_steps=stage_cfg.checkpoint_every_n_steps,
         enable_version_counter=False,
     )
-    share_sweep_dir_with_ranks()
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) | {
         "max_epochs": stage_cfg.epochs,
         "default_root_dir": str(folder),
@@ -233,10 +237,31 @@ def trained_model(
     if not isinstance(trainer.strategy, FSDPStrategy):
         return model
     if trainer.strategy._state_dict_type != "full":
-        raise ValueError("the stages save whole policies: trainer.strategy.state_dict_type must be 'full'")
+        raise ConfigError("the stages save whole models: trainer.strategy.state_dict_type must be 'full'")
     state = trainer.strategy.lightning_module_state_dict()
     if not trainer.is_global_zero:
         return None
     fresh = rebuild()
     fresh.load_state_dict({name.removeprefix("model."): weight for name, weight in state.items()})
     return fresh
+
+
+def fit_stage(
+    cfg: DictConfig,
+    stage_cfg: DictConfig,
+    folder: Path,
+    module: L.LightningModule,
+    rebuild: Callable[[], torch.nn.Module],
+    run_name: str,
+    tags: dict[str, Any],
+    train: DataLoader,
+    val: DataLoader | None = None,
+    callbacks: list[Callback] | None = None,
+) -> tuple[L.Trainer, PreTrainedModel | None]:
+    """Fit ``module`` (resuming from the stage's ``last.ckpt`` if an interrupted run left one) and return
+    the trainer and, on rank 0, the trained model in a plain form to save and score (None elsewhere)."""
+    trainer = build_trainer(cfg, stage_cfg, folder, run_name, tags, callbacks)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=resume_checkpoint(folder))
+    finish_wandb(trainer)
+    model = trained_model(trainer, module.model, rebuild)
+    return trainer, model if is_rank_zero() else None

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from directalign.errors import ConfigError, DataError
 from directalign.losses import LOSS_NAMES
 from directalign.tasks.base import EXAMPLE_COLUMNS, SPLITS
 
@@ -28,17 +29,10 @@ TEMPLATE_TOKENS = 64
 PAIR_SPECIAL_TOKENS = 3
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work."""
-
-
-class DataError(ValueError):
-    """Input data a stage refuses; the message names the split (or file) and the row."""
-
-
-def methods_to_align(cfg: DictConfig) -> list[DictConfig]:
-    """The methods of ``compare`` when it is set, else the single ``method``."""
-    return list(cfg.compare.values()) if cfg.compare else [cfg.method]
+def methods_to_align(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The methods to align by name: those of ``compare``, each named by its key, when it is set; else
+    the single ``method`` under its own name."""
+    return dict(cfg.compare.items()) if cfg.compare else {cfg.method.name: cfg.method}
 
 
 def _number(where: str, value: Any) -> float:
@@ -144,7 +138,7 @@ def _check_lengths(cfg: DictConfig) -> None:
 
 
 def _check_contrasts(cfg: DictConfig) -> None:
-    names = ["sft", *(method.name for method in methods_to_align(cfg))]
+    names = ["sft", *methods_to_align(cfg)]
     for i, contrast in enumerate(cfg.contrasts):
         if len(contrast) != 2 or any(name not in names for name in contrast):
             raise ConfigError(f"contrasts[{i}]={list(contrast)} must name two evaluated policies of {names}")
@@ -204,17 +198,31 @@ def _check_stages(cfg: DictConfig) -> None:
         _count(f"stage.{name}.batch_size", OmegaConf.select(cfg, f"stage.{name}.batch_size"))
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first value that cannot work; it reads no data and loads no model."""
+def _check_compare(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """With ``compare`` set, ``method`` is composed but not aligned: an override of it would change
+    nothing, so it is refused rather than ignored."""
+    if not cfg.compare:
+        _check_method("method", cfg.method)
+        return
+    for override in overrides:
+        if override.lstrip("+~").split("=")[0].split(".")[0] == "method":
+            raise ConfigError(
+                f"{override}: this experiment aligns the methods of `compare` ({', '.join(cfg.compare)}),"
+                " not `method`; override compare.<name>.<key> instead (e.g. compare."
+                f"{next(iter(cfg.compare))}.beta=...)"
+            )
+    for name, method in cfg.compare.items():
+        _check_method(f"compare.{name}", method)
+
+
+def validate_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+    """Raise ConfigError on the first value that cannot work; it reads no data and loads no model.
+    ``overrides`` are the command line's (Hydra's), checked against ``compare``."""
     stages = list(cfg.pipeline.stages)
     if stages != list(STAGE_ORDER[: len(stages)]):
         raise ConfigError(f"pipeline.stages={stages} must be a prefix of {list(STAGE_ORDER)}")
     _count("seed", cfg.seed, minimum=0)
-    if cfg.compare:
-        for name, method in cfg.compare.items():
-            _check_method(f"compare.{name}", method)
-    else:
-        _check_method("method", cfg.method)
+    _check_compare(cfg, overrides)
     _check_contrasts(cfg)
     _check_sampling(cfg)
     _check_lengths(cfg)

@@ -8,6 +8,8 @@ import torch
 from omegaconf import DictConfig
 from transformers import get_scheduler
 
+from directalign.errors import NonFiniteLossError
+
 TRAIN_LOSS = "train/loss"
 LAST_LOSS_KEY = "directalign_last_train_loss"
 
@@ -41,7 +43,7 @@ class TrainModule(L.LightningModule):
         if not finite:
             checkpoint = self.trainer.checkpoint_callback
             kept = checkpoint.last_model_path if checkpoint else ""
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}, epoch"
                 f" {self.current_epoch}: lower the learning rate or raise beta; last good checkpoint:"
                 f" {kept or 'none written yet'}"

@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from transformers import PreTrainedTokenizerBase
 
 from directalign.generation import sample_completions
+from directalign.prompts import Prompts, decode_completions
 from directalign.scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -23,18 +24,14 @@ class RewardCurve(Callback):
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        prompt_ids: list[list[int]],
-        sources: list[str],
-        references: list[str],
+        prompts: Prompts,
         scorer: Scorer,
         every_n_steps: int,
         max_new_tokens: int,
         batch_size: int,
     ):
         self.tokenizer = tokenizer
-        self.prompt_ids = prompt_ids
-        self.sources = sources
-        self.references = references
+        self.prompts = prompts
         self.scorer = scorer
         self.every_n_steps = every_n_steps
         self.max_new_tokens = max_new_tokens
@@ -50,7 +47,7 @@ class RewardCurve(Callback):
         samples = sample_completions(
             module.model,
             self.tokenizer,
-            self.prompt_ids,
+            self.prompts.ids,
             num_samples=1,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
@@ -60,8 +57,8 @@ class RewardCurve(Callback):
         )
         module.model.train()
         completions = [s[0] for s in samples]
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
-        proxy, gold = self.scorer.to(module.device)(self.sources, self.references, texts)
+        texts = decode_completions(self.tokenizer, completions)
+        proxy, gold = self.scorer.to(module.device)(self.prompts.sources, self.prompts.references, texts)
         point = {
             "step": trainer.global_step,
             "proxy_reward": float(np.mean(proxy)),

@@ -1,20 +1,25 @@
-"""What every stage receives: the composed config, the store, the task, and shared helpers."""
+"""What every stage receives: the composed config, the store, the task, and the plumbing they share."""
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PreTrainedTokenizerBase
 
 from directalign.models import load_tokenizer
-from directalign.prompts import build_prompts
+from directalign.prompts import Prompts, build_prompts, decode_completions
+from directalign.scoring import Scorer
 from directalign.store import Store
 from directalign.tasks.base import Task
+from directalign.validation import check_prompt_lengths
+
+if TYPE_CHECKING:
+    from directalign.artifacts import RewardArtifact
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +35,13 @@ class StageContext:
     store: Store
     task: Task
 
-    @property
-    def task_key(self) -> dict[str, Any]:
-        return plain(self.cfg.task)
+    def for_method(self, name: str, method: DictConfig) -> "StageContext":
+        """This context with ``method`` set to one method of ``compare``, named by its compare key."""
+        cfg = self.cfg.copy()
+        with open_dict(cfg):
+            cfg.method = method.copy()
+            cfg.method.name = name
+        return replace(self, cfg=cfg)
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -51,11 +60,9 @@ class StageContext:
         local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
         return torch.device("cuda", int(local_rank))
 
-    def prompts(
-        self, split: str, limit: int | None, offset: int = 0
-    ) -> tuple[list[list[int]], dict[str, list], int]:
-        """Prompt ids and the examples of a split (``limit`` of them from ``offset``), sources
-        truncated to budget."""
+    def prompts(self, split: str, limit: int | None, positions: int | None, offset: int = 0) -> Prompts:
+        """``limit`` examples of ``split`` from ``offset`` as chat prompts, sources truncated to budget;
+        each must leave a model of ``positions`` positions room for a whole completion."""
         examples = self.task.examples(split)
         end = len(examples) if limit is None else min(offset + limit, len(examples))
         examples = examples.select(range(min(offset, end), end))
@@ -66,8 +73,21 @@ class StageContext:
             self.cfg.task.max_source_tokens,
             self.cfg.model.system_prompt,
         )
-        columns = {"id": examples["id"], "source": sources, "reference": examples["reference"]}
-        return prompt_ids, columns, n_truncated
+        check_prompt_lengths(
+            f"task {self.cfg.task.name!r}, split {split!r}",
+            prompt_ids,
+            examples["id"],
+            self.cfg.task.max_completion_tokens,
+            positions,
+        )
+        return Prompts(split, prompt_ids, examples["id"], sources, examples["reference"], n_truncated)
+
+    def decode(self, completions: list[list[int]]) -> list[str]:
+        return decode_completions(self.tokenizer, completions)
+
+    def scorer(self, reward: "RewardArtifact") -> Scorer:
+        """The learned reward model and the task's gold judge, on this rank's device."""
+        return reward.scorer(self.task.gold_judge(), self.device)
 
     def seed(self, offset: int = 0) -> int:
         seed = self.cfg.seed + offset

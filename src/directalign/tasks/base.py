@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from directalign.errors import ConfigError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -67,7 +69,7 @@ def split_of(example_id: str, fractions: Mapping[str, float], salt: str) -> str:
     Hashing the id (not shuffling rows) keeps splits disjoint and stable when rows are added or
     dropped. Fractions summing to less than 1 leave the remainder unused (returned as "")."""
     if sum(fractions.values()) > 1 + 1e-9:
-        raise ValueError(f"split fractions sum to more than 1: {dict(fractions)}")
+        raise ConfigError(f"split fractions sum to more than 1: {dict(fractions)}")
     position, upper = hash_fraction(example_id, salt), 0.0
     for name, fraction in fractions.items():
         upper += fraction

@@ -19,6 +19,7 @@ import logging
 import datasets
 from omegaconf import DictConfig, OmegaConf
 
+from directalign.errors import DataError
 from directalign.tasks.base import EXAMPLE_COLUMNS, PREFERENCE_COLUMNS, SPLITS, Task, assign_splits, split_of
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def require(fields: object, names: tuple[str, ...], what: str, origin: str) -> N
     """Fail early, naming the missing column and the file, when data does not follow the hub schema."""
     missing = [name for name in names if name not in fields]
     if missing:
-        raise ValueError(f"{origin}: {what} lacks {missing} (has {list(fields)}); expected the hub's schema")
+        raise DataError(f"{origin}: {what} lacks {missing} (has {list(fields)}); expected the hub's schema")
 
 
 def post_source(subreddit: str, title: str, post: str) -> str:
