@@ -9,27 +9,27 @@ medians and min-max spreads are over the timed steps.
 
 Throughput counts the tokens of the batch, ``attention_mask.sum()`` of the ``2B`` sequences (each
 pair's prompt twice, as both layouts hold it), so prompt sharing gets no credit for tokens it skips.
-FLOPs are what each implementation executes, from the padded shapes: ``6 N T + 6 H K`` for a
-training forward and backward over ``T`` token positions with ``K`` positions through the LM head,
-``N`` the non-embedding parameters and ``H`` the LM head's ``vocab x hidden``; a frozen forward
-costs ``2 N T + 2 H K``, gradient checkpointing adds ``2 N T`` (the layers' forward again).
-TRL's fused LM head scores every position on CPU and only completion positions where Triton runs.
-Attention scores (~4% at these lengths) are left out.
+FLOPs are what each implementation executes, from the padded shapes, by the FLOP model of
+``directalign.benchmarking``: ``6 N T + 6 H K`` for a training forward and backward over ``T``
+token positions with ``K`` positions through the LM head, ``N`` the non-embedding parameters and
+``H`` the LM head's ``vocab x hidden``; a frozen forward costs ``2 N T + 2 H K``, gradient
+checkpointing adds ``2 N T`` (the layers' forward again). TRL's fused LM head scores every position
+on CPU and only completion positions where Triton runs. Attention scores (~4% at these lengths) are
+left out.
 """
 
 import copy
 import json
 import logging
-import math
 import os
 import random
-import resource
 import statistics
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,101 +39,36 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from directalign.benchmarking import (
+    BatchShape,
+    ParameterCounts,
+    StepTimer,
+    align_batches,
+    align_step_flops,
+    benchmark_architecture,
+    forward_flops,
+    matmul_peak_flops,
+    resolve_device,
+    time_align_steps,
+    training_flops,
+)
+
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Run = dict[str, Any]
 Ids = dict[str, list[list[int]]]
 
 
-def device_name(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_peak_flops(device: str, size: int, repeats: int) -> float:
-    """The best float32 matmul FLOP/s of the machine: the ceiling the align step is measured against."""
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def peak_memory_mib(device: str) -> tuple[float, float | None]:
-    """Peak resident memory of this process so far, and peak CUDA memory allocated where there is a GPU."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return rss, torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-
-
-class Stopwatch:
-    """Per-step wall times, and the peak memory after each step (a segment's is read at its end)."""
-
-    def __init__(self, device: str):
-        self.device, self.times, self.memory, self._start = device, [], [], 0.0
-
-    def start(self) -> None:
-        synchronize(self.device)
-        self._start = time.perf_counter()
-
-    def stop(self) -> None:
-        synchronize(self.device)
-        self.times.append(time.perf_counter() - self._start)
-        self.memory.append(peak_memory_mib(self.device))
-
-
-def batch_shape(batch: dict[str, torch.Tensor]) -> dict[str, int]:
-    """What throughput and FLOPs are computed from; TRL's completion mask spans the whole width."""
-    return {
-        "rows": batch["input_ids"].shape[0],
-        "width": batch["input_ids"].shape[1],
-        "tokens": int(batch["attention_mask"].sum()),
-        "completion_width": batch["completion_mask"].shape[1],
-        "completion_tokens": int(batch["completion_mask"].sum()),
-    }
-
-
-def counting(collate: Callable[[list], dict], shapes: list[dict[str, int]]) -> Callable[[list], dict]:
+def counting(collate: Callable[[list], dict], shapes: list[BatchShape]) -> Callable[[list], dict]:
     """Wrap a collator to record each batch's shape, in the order batches are made (= trained)."""
 
     def collate_and_count(rows: list) -> dict:
         batch = collate(rows)
-        shapes.append(batch_shape(batch))
+        shapes.append(BatchShape.of(batch))
         return batch
 
     return collate_and_count
-
-
-def load_architecture(cfg: dict[str, Any]) -> tuple["PretrainedConfig", "PreTrainedTokenizerBase"]:
-    """SmolLM2-135M's config and tokenizer: from the converted folder when present, else built."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from directalign.models import load_tokenizer
-
-    folder = Path(cfg["store"]) / "models" / cfg["converted_model"]
-    if (folder / "config.json").is_file():
-        config, tokenizer = AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    else:
-        arch = dict(cfg["architecture"])
-        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-        tokenizer = load_tokenizer(OmegaConf.create(cfg["tokenizer_model"]), Path(cfg["store"]))
-    if cfg["num_hidden_layers"] is not None:
-        config.num_hidden_layers = cfg["num_hidden_layers"]
-    return config, tokenizer
 
 
 def word_pool(tokenizer: "PreTrainedTokenizerBase", size: int = 1000) -> list[str]:
@@ -182,96 +117,43 @@ def token_ids(tokenizer: "PreTrainedTokenizerBase", pairs: list[dict[str, str]])
     }
 
 
-def parameter_counts(model: "PreTrainedModel") -> tuple[int, int]:
-    """Non-embedding parameters ``N`` and LM-head ``H`` (vocab x hidden; tied or not, it is computed)."""
-    head = model.get_output_embeddings().weight
-    embedding = model.get_input_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())
-    untied_head = 0 if head.data_ptr() == embedding.data_ptr() else head.numel()
-    return total - embedding.numel() - untied_head, head.numel()
-
-
-def step_flops(run: Run, shape: dict[str, int], n: int, h: int, compact_head: bool) -> float:
-    """FLOPs one step executes, from its padded batch shape (formulas in the module docstring)."""
-    rows, width, completion = shape["rows"], shape["width"], shape["completion_width"]
-    if run["kind"] == "ours":
-        if run["share_prompt"]:
-            pairs, prompt = rows // 2, width - completion
-            tokens = pairs * prompt + rows * (completion - 1)
-            head = pairs + rows * (completion - 1)
-        else:
-            tokens, head = rows * width, rows * (completion + 1)
-        return 6 * n * tokens + 6 * h * head
-    tokens = rows * width
-    head = shape["completion_tokens"] if compact_head else rows * (width - 1)
-    flops = 6 * n * tokens + 6 * h * head
-    if run["trl_args"].get("gradient_checkpointing", True):
-        flops += 2 * n * tokens
-    if not run["trl_args"].get("precompute_ref_log_probs", False):
-        flops += 2 * n * tokens + 2 * h * head
+def trl_step_flops(shape: BatchShape, params: ParameterCounts, trl_args: dict, compact_head: bool) -> int:
+    """FLOPs a DPOTrainer step executes on its padded batch: the policy's training step, the layers'
+    forward again under gradient checkpointing, and the reference model's forward unless precomputed."""
+    positions = shape.rows * shape.width
+    head = shape.completion_tokens if compact_head else shape.rows * (shape.width - 1)
+    flops = training_flops(params, positions, head)
+    if trl_args.get("gradient_checkpointing", True):
+        flops += forward_flops(params, positions, 0)
+    if not trl_args.get("precompute_ref_log_probs", False):
+        flops += forward_flops(params, positions, head)
     return flops
-
-
-def pair_batches(
-    ids: Ids, pairs_per_step: int, pad_id: int, ref_logp: float
-) -> list[dict[str, torch.Tensor]]:
-    """This project's pair batches. The generate stage stores the reference log-probs (from sampling,
-    at no extra forward pass), so the align step never runs a reference model; here they are the
-    constant ``-log V`` a random-init reference gives to ~0.1 nat: constants of the loss, they do
-    not change what a step costs."""
-    from directalign.pairs import collate_pairs
-
-    rows = [
-        {
-            "prompt": prompt,
-            "a": chosen,
-            "b": rejected,
-            "ref_a": [ref_logp] * len(chosen),
-            "ref_b": [ref_logp] * len(rejected),
-            "reward_a": 1.0,
-            "reward_b": 0.0,
-        }
-        for prompt, chosen, rejected in zip(
-            ids["prompt_ids"], ids["chosen_ids"], ids["rejected_ids"], strict=True
-        )
-    ]
-    return [collate_pairs(rows[i : i + pairs_per_step], pad_id) for i in range(0, len(rows), pairs_per_step)]
 
 
 def run_ours(
     cfg: dict[str, Any],
     run: Run,
     model: "PreTrainedModel",
-    batches: list[dict[str, torch.Tensor]],
+    tokenizer: "PreTrainedTokenizerBase",
+    texts: list[list[dict[str, str]]],
     device: str,
-    watch: Stopwatch,
-    shapes: list[dict[str, int]],
-) -> None:
-    """The pipeline's align step: AlignModule in a Lightning Trainer, over the given batches in order."""
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    from directalign.lit.align import AlignModule
-
-    class Timer(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            shapes.append(batch_shape(batch))
-            watch.start()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            watch.stop()
-
-    stage = OmegaConf.create({**cfg["align"], "share_prompt": run["share_prompt"]})
-    module = AlignModule(model.train(), stage, OmegaConf.create(cfg["method"]))
-    trainer = L.Trainer(
-        **{**cfg["lightning"], "accelerator": "gpu" if device == "cuda" else "cpu"},
-        max_steps=len(batches),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[Timer()],
-    )
-    trainer.fit(module, DataLoader(batches, batch_size=None))
+    timer: StepTimer,
+) -> float:
+    """The pipeline's align step over every segment's batches in turn; returns the setup seconds
+    (tokenising and collating)."""
+    start = time.perf_counter()
+    batches = [
+        batch
+        for segment, pairs in zip(run["segments"], texts, strict=True)
+        for batch in align_batches(
+            token_ids(tokenizer, pairs), segment["pairs"], tokenizer.pad_token_id, model.config.vocab_size
+        )
+    ]
+    setup_s = time.perf_counter() - start
+    align_cfg = OmegaConf.create({**cfg["align"], "share_prompt": run["share_prompt"]})
+    lightning = {**cfg["lightning"], "accelerator": "gpu" if device == "cuda" else "cpu"}
+    time_align_steps(model, batches, align_cfg, OmegaConf.create(cfg["method"]), lightning, timer)
+    return setup_s
 
 
 def run_trl(
@@ -281,8 +163,7 @@ def run_trl(
     tokenizer: "PreTrainedTokenizerBase",
     pairs: list[dict[str, str]],
     device: str,
-    watch: Stopwatch,
-    shapes: list[dict[str, int]],
+    timer: StepTimer,
     folder: str,
 ) -> float:
     """TRL's DPOTrainer with its defaults but float32; returns the setup seconds (with any precompute)."""
@@ -290,12 +171,12 @@ def run_trl(
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    class Timer(TrainerCallback):
+    class Record(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            watch.start()
+            timer.start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            watch.stop()
+            timer.stop()
 
     segment = run["segments"][0]
     args = DPOConfig(
@@ -327,9 +208,9 @@ def run_trl(
             raise RuntimeError(
                 f"TRL tokenised {key} differently from the pipeline: the runs are not comparable"
             )
-    trainer.data_collator = counting(trainer.data_collator, shapes)
+    trainer.data_collator = counting(trainer.data_collator, timer.shapes)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(Timer())
+    trainer.add_callback(Record())
     trainer.train()
     return setup_s
 
@@ -345,8 +226,8 @@ def worker(cfg: dict[str, Any], run: Run) -> dict[str, Any]:
     logging.disable(logging.WARNING)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    device = device_name(cfg["device"])
-    config, tokenizer = load_architecture(cfg)
+    device = resolve_device(cfg["device"])
+    config, tokenizer = benchmark_architecture(cfg)
     words = word_pool(tokenizer)
     texts = [
         make_pairs(
@@ -360,38 +241,31 @@ def worker(cfg: dict[str, Any], run: Run) -> dict[str, Any]:
     ]
     torch.manual_seed(cfg["seed"])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    n, h = parameter_counts(model)
-    watch, shapes = Stopwatch(device), []
+    params = ParameterCounts.of(model)
+    timer = StepTimer(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
     if run["kind"] == "ours":
-        ref_logp = -math.log(config.vocab_size)
-        batches = [
-            batch
-            for segment, pairs in zip(run["segments"], texts, strict=True)
-            for batch in pair_batches(
-                token_ids(tokenizer, pairs), segment["pairs"], tokenizer.pad_token_id, ref_logp
-            )
-        ]
-        setup_s = time.perf_counter() - start
-        run_ours(cfg, run, model, batches, device, watch, shapes)
-        compact_head = False
+        setup_s = run_ours(cfg, run, model, tokenizer, texts, device, timer)
+        step_flops = partial(align_step_flops, params=params, share_prompt=run["share_prompt"])
     else:
         from trl.trainer.utils import _use_triton  # whether TRL's LM head skips masked positions
 
         with tempfile.TemporaryDirectory() as folder:
-            setup_s = run_trl(cfg, run, model, tokenizer, texts[0], device, watch, shapes, folder)
+            setup_s = run_trl(cfg, run, model, tokenizer, texts[0], device, timer, folder)
         compact_head = _use_triton(torch.device(device))
-    steps = iter(zip(watch.times, shapes, watch.memory, strict=False))
+        step_flops = partial(
+            trl_step_flops, params=params, trl_args=run["trl_args"], compact_head=compact_head
+        )
+    steps = iter(zip(timer.seconds, timer.shapes, timer.peak_memory, strict=False))
     segments = {}
     for segment in run["segments"]:
         timed = [next(steps) for _ in range(segment["warmup"] + segment["timed"])][segment["warmup"] :]
         segments[segment["name"]] = {
             **segment,
-            "step_s": [t for t, _, _ in timed],
-            "tokens": [shape["tokens"] for _, shape, _ in timed],
-            "flops": [step_flops(run, shape, n, h, compact_head) for _, shape, _ in timed],
+            "step_s": [seconds for seconds, _, _ in timed],
+            "tokens": [shape.tokens for _, shape, _ in timed],
+            "flops": [step_flops(shape) for _, shape, _ in timed],
             "peak_rss_mib": timed[-1][2][0],
             "cuda_peak_mib": timed[-1][2][1],
         }
@@ -400,8 +274,8 @@ def worker(cfg: dict[str, Any], run: Run) -> dict[str, Any]:
         "segments": segments,
         "device": device,
         "setup_s": setup_s,
-        "non_embedding_params": n,
-        "head_params": h,
+        "non_embedding_params": params.non_embedding,
+        "head_params": params.head,
     }
 
 
@@ -505,8 +379,8 @@ def report(results: list[dict[str, Any]], peak: float) -> list[str]:
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    device = device_name(cfg.device)
-    peak = matmul_peak_flops(device, cfg.matmul_size, cfg.matmul_repeats)
+    device = resolve_device(cfg.device)
+    peak = matmul_peak_flops(device, cfg.matmul_size, cfg.matmul_repeats, cfg.matmul_warmup)
     print(
         f"device={device} threads={torch.get_num_threads()} matmul_peak_gflops={peak / 1e9:.1f}", flush=True
     )

@@ -9,13 +9,12 @@ tokens and tokens/s counts generated tokens only. Medians over ``repeats`` runs 
 
 import random
 import statistics
-import time
 
 import hydra
 import torch
-from bench import device_name, load_architecture, synchronize
 from omegaconf import DictConfig, OmegaConf
 
+from directalign.benchmarking import benchmark_architecture, resolve_device, time_calls
 from directalign.generation import sample_completions
 
 
@@ -27,14 +26,8 @@ def padded_fraction(prompts: list[list[int]], batches: list[list[int]]) -> float
 
 def timed(sample, device: str, repeats: int) -> tuple[float, int]:
     """Median wall seconds of ``sample()``, and the tokens its last run generated."""
-    seconds = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        samples = sample()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), sum(len(c) for group in samples for c in group)
+    timing = time_calls(sample, device, repeats)
+    return statistics.median(timing.seconds), sum(len(c) for group in timing.result for c in group)
 
 
 @hydra.main(config_path="../conf", config_name="bench_generate", version_base="1.3")
@@ -42,8 +35,8 @@ def main(cfg: DictConfig) -> None:
     from transformers import AutoModelForCausalLM
 
     plain = OmegaConf.to_container(cfg, resolve=True)
-    device = device_name(cfg.device)
-    config, tokenizer = load_architecture(plain)
+    device = resolve_device(cfg.device)
+    config, tokenizer = benchmark_architecture(plain)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config).to(device).eval()
     rng = random.Random(cfg.seed)

@@ -1,0 +1,154 @@
+"""The benchmarks' measuring tools: the FLOP model against hand arithmetic and against the matmuls torch
+counts while an align step runs, the timer on sleeps of known length, and peak memory."""
+
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from directalign.benchmarking import (
+    BatchShape,
+    ParameterCounts,
+    StepTimer,
+    align_batches,
+    align_step_flops,
+    align_step_positions,
+    cuda_peak_mib,
+    matmul_peak_flops,
+    peak_memory_mib,
+    peak_rss_mib,
+    time_calls,
+    training_flops,
+)
+from directalign.logprobs import completion_logps
+from directalign.prefix import shared_prompt_completion_logps
+from tests.conftest import tiny_llama
+
+# tiny_llama(): hidden 32, intermediate 64, 2 layers, 4 heads of 8 (q: 32 wide), 2 KV heads (k, v: 16 wide)
+HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 32, 64, 2, 64
+ATTENTION_WEIGHTS = HIDDEN * 32 + HIDDEN * 16 + HIDDEN * 16 + 32 * HIDDEN  # q, k, v, o = 3072
+MLP_WEIGHTS = 3 * HIDDEN * INTERMEDIATE  # gate, up, down = 6144
+MATMUL_WEIGHTS = LAYERS * (ATTENTION_WEIGHTS + MLP_WEIGHTS)  # 2 x 9216 = 18432
+NORM_WEIGHTS = LAYERS * 2 * HIDDEN + HIDDEN  # two RMSNorms a layer and the final one = 160
+HEAD = VOCAB * HIDDEN  # 2048
+
+# Two pairs: prompts of 3 and 5 tokens, chosen completions of 2 and 1, rejected of 3 and 2.
+IDS = {
+    "prompt_ids": [[5, 6, 7], [8, 9, 10, 11, 12]],
+    "chosen_ids": [[13, 14], [15]],
+    "rejected_ids": [[16, 17, 18], [19, 20]],
+}
+
+
+@pytest.fixture(scope="module")
+def pair_batch() -> dict[str, torch.Tensor]:
+    (batch,) = align_batches(IDS, pairs_per_step=2, pad_id=0, vocab_size=VOCAB)
+    return batch
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_counts_split_the_layers_from_the_lm_head(tied):
+    model = tiny_llama(tie_word_embeddings=tied)
+    config = model.config
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (
+        HIDDEN,
+        INTERMEDIATE,
+        2,
+    )
+    assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (4, 2, VOCAB)
+    params = ParameterCounts.of(model)
+    assert params == ParameterCounts(non_embedding=MATMUL_WEIGHTS + NORM_WEIGHTS, head=HEAD)
+    assert params == ParameterCounts(non_embedding=18592, head=2048)
+
+
+def test_pair_batch_shape_and_constant_reference(pair_batch):
+    # 2B = 4 rows; prompt width 5 (left-padded), completion width 3 (right-padded): 8 columns.
+    assert BatchShape.of(pair_batch) == BatchShape(
+        rows=4, width=8, tokens=3 + 2 + 5 + 1 + 3 + 3 + 5 + 2, completion_width=3, completion_tokens=8
+    )
+    real = pair_batch["completion_mask"].bool()
+    assert torch.allclose(pair_batch["ref_logps"][real], torch.tensor(-math.log(VOCAB)))
+
+
+def test_align_step_flops_by_hand(pair_batch):
+    shape, params = BatchShape.of(pair_batch), ParameterCounts(non_embedding=18592, head=2048)
+    # Plain path: T = 4 rows x 8 columns = 32 positions; K = 4 rows x (3 + 1) logits = 16.
+    assert align_step_positions(shape, share_prompt=False) == (32, 16)
+    assert align_step_flops(shape, params, share_prompt=False) == 6 * 18592 * 32 + 6 * 2048 * 16 == 3_766_272
+    # Shared prompt: 2 prompts x 5 columns once, then 4 rows x (3 - 1) completion inputs: T = 10 + 8 = 18;
+    # one logit per prompt and one per completion input: K = 2 + 8 = 10.
+    assert align_step_positions(shape, share_prompt=True) == (18, 10)
+    assert align_step_flops(shape, params, share_prompt=True) == 6 * 18592 * 18 + 6 * 2048 * 10 == 2_130_816
+
+
+@pytest.mark.parametrize(
+    ("share_prompt", "logps"), [(False, completion_logps), (True, shared_prompt_completion_logps)]
+)
+def test_flop_model_counts_the_matmuls_the_align_step_runs(pair_batch, share_prompt, logps):
+    """torch's own count of the weight matmuls (aten.mm) of a forward and backward equals the model's
+    6 N T + 6 H K with N the matmul weights: the positions T and K are the ones that execute. (The
+    RMSNorm weights in N are elementwise, and attention scores are not mm; the model leaves them out.)"""
+    model = tiny_llama().train()
+    width = pair_batch["completion_mask"].shape[1]
+    with FlopCounterMode(display=False) as counter:
+        logps(model, pair_batch["input_ids"], pair_batch["attention_mask"], width).sum().backward()
+    counted = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+    positions = align_step_positions(BatchShape.of(pair_batch), share_prompt)
+    assert counted == training_flops(ParameterCounts(non_embedding=MATMUL_WEIGHTS, head=HEAD), *positions)
+
+
+def test_time_calls_times_each_repeat_after_untimed_warmups():
+    calls = []
+
+    def nap() -> int:
+        calls.append(None)
+        time.sleep(0.05)
+        return len(calls)
+
+    timing = time_calls(nap, "cpu", repeats=3, warmup=2)
+    assert len(calls) == 5
+    assert timing.result == 5
+    assert len(timing.seconds) == 3
+    assert all(0.05 <= seconds < 0.5 for seconds in timing.seconds)
+
+
+def test_step_timer_records_each_step_with_its_peak_memory():
+    timer = StepTimer("cpu")
+    for _ in range(2):
+        timer.start()
+        time.sleep(0.03)
+        timer.stop()
+    assert len(timer.seconds) == 2
+    assert all(0.03 <= seconds < 0.5 for seconds in timer.seconds)
+    assert [cuda for _, cuda in timer.peak_memory] == [None, None]
+    assert all(rss > 0 for rss, _ in timer.peak_memory)
+
+
+def test_matmul_peak_is_a_plausible_cpu_rate():
+    peak = matmul_peak_flops("cpu", size=128, repeats=3, warmup=1)
+    assert 1e7 < peak < 1e13
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the kernel's VmHWM (Linux)")
+def test_peak_rss_is_the_process_high_water_mark_in_mib():
+    held = torch.ones(64 * 2**20 // 4)  # 64 MiB of float32, written so it is resident
+    peak = peak_rss_mib()
+    high_water_kib = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+    assert held.sum() > 0
+    assert peak >= 64
+    assert abs(peak - high_water_kib / 1024) < 16
+    rss, cuda = peak_memory_mib("cpu")
+    assert rss >= peak
+    assert cuda is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_peak_counts_an_allocation():
+    torch.cuda.reset_peak_memory_stats()
+    held = torch.ones(32 * 2**20 // 4, device="cuda")
+    assert cuda_peak_mib() >= 32
+    assert held.sum() > 0
