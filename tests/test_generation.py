@@ -1,4 +1,5 @@
-"""Batched sampling: bucketed order restored, eos cut, and sampling log-probs equal a fresh forward."""
+"""Batched sampling: bucketed order restored, eos cut, sampling log-probs equal a fresh forward, and a
+prompt prefilled once for all its samples samples what ``num_return_sequences``' repeated prefill does."""
 
 from types import SimpleNamespace
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from directalign.generation import sample_completions
-from directalign.logprobs import batched_completion_logps
+from directalign.generation import cut_after_eos, sample_completions, shared_prompt_cache
+from directalign.logprobs import batched_completion_logps, gather_token_logps
 from tests.conftest import tiny_llama
 
 EOS, PAD = 1, 0
@@ -55,3 +56,120 @@ def test_sampling_logps_equal_a_fresh_forward(model):
     flat = [lp for row in logps for lp in row]
     for got, expected in zip(flat, fresh, strict=True):
         assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-5)
+
+
+@torch.inference_mode()
+def sample_with_repeated_prefill(
+    model, *, num_samples, max_new_tokens, batch_size, seed, temperature, return_logps
+):
+    """The oracle: ``sample_completions`` as it was, ``num_return_sequences`` prefilling every copy."""
+    order = sorted(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
+    samples, logps = [[] for _ in PROMPTS], [[] for _ in PROMPTS]
+    generator_seed = torch.Generator().manual_seed(seed)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, attention_mask = left_pad([PROMPTS[i] for i in rows])
+        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            num_return_sequences=num_samples,
+            return_dict_in_generate=True,
+            output_logits=return_logps,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            top_k=None,
+            do_sample=True,
+            temperature=temperature,
+        )
+        sequences = output.sequences[:, input_ids.shape[1] :]
+        if return_logps:
+            token_logps = gather_token_logps(torch.stack(output.logits, dim=1), sequences)
+        for j, sequence in enumerate(sequences):
+            completion = cut_after_eos(sequence.tolist(), EOS)
+            samples[rows[j // num_samples]].append(completion)
+            if return_logps:
+                logps[rows[j // num_samples]].append(token_logps[j, : len(completion)].tolist())
+    return (samples, logps) if return_logps else samples
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    return input_ids, (input_ids != PAD).long()
+
+
+# One batch; two batches of different widths; batches of one prompt, the one-token prompt among them.
+@pytest.mark.parametrize("batch_size", [4, 3, 1])
+@pytest.mark.parametrize("return_logps", [False, True])
+def test_shared_prefill_samples_what_repeated_prefill_samples(model, batch_size, return_logps):
+    options = {"num_samples": 4, "max_new_tokens": 8, "batch_size": batch_size, "temperature": 0.7}
+    options["return_logps"] = return_logps
+    for seed in range(3):
+        got = sample(model, seed=seed, **options)
+        expected = sample_with_repeated_prefill(model, seed=seed, **options)
+        if return_logps:
+            (got, got_logps), (expected, expected_logps) = got, expected
+            flat_got = [torch.tensor(lp) for row in got_logps for lp in row]
+            flat_expected = [torch.tensor(lp) for row in expected_logps for lp in row]
+            pairs = zip(flat_got, flat_expected, strict=True)
+            assert all(torch.allclose(got_lp, expected_lp, atol=1e-5) for got_lp, expected_lp in pairs)
+        assert got == expected
+
+
+@torch.inference_mode()
+def generate_from_shared_prefill(model, input_ids, attention_mask, copies, **options):
+    return model.generate(
+        input_ids=input_ids.repeat_interleave(copies, dim=0),
+        attention_mask=attention_mask.repeat_interleave(copies, dim=0),
+        cache=shared_prompt_cache(model, input_ids, attention_mask, copies),
+        **options,
+    )
+
+
+GENERATE = {"return_dict_in_generate": True, "output_logits": True, "max_new_tokens": 6}
+GENERATE |= {"pad_token_id": PAD, "eos_token_id": EOS, "top_k": None}
+
+
+def assert_same_steps(got, expected):
+    """Equal sequences, and every step's logits (the first, from the prompt's last token, included)
+    equal to float rounding: the same distributions were sampled from."""
+    assert torch.equal(got.sequences, expected.sequences)
+    for got_logits, expected_logits in zip(got.logits, expected.logits, strict=True):
+        assert torch.allclose(got_logits, expected_logits, atol=1e-5)
+
+
+def test_shared_prompt_cache_samples_like_a_repeated_prefill(model):
+    input_ids, attention_mask = left_pad(PROMPTS)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        repeated = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            num_return_sequences=4,
+            do_sample=True,
+            **GENERATE,
+        )
+    torch.manual_seed(0)
+    shared = generate_from_shared_prefill(model, input_ids, attention_mask, 4, do_sample=True, **GENERATE)
+    assert_same_steps(shared, repeated)
+
+
+def test_greedy_from_a_shared_prompt_cache_equals_greedy_from_the_prompts(model):
+    input_ids, attention_mask = left_pad(PROMPTS)
+    with torch.inference_mode():
+        single = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=False, **GENERATE
+        )
+    shared = generate_from_shared_prefill(model, input_ids, attention_mask, 4, do_sample=False, **GENERATE)
+    copies = SimpleNamespace(
+        sequences=single.sequences.repeat_interleave(4, dim=0),
+        logits=[logits.repeat_interleave(4, dim=0) for logits in single.logits],
+    )
+    assert_same_steps(shared, copies)
+
+
+def test_greedy_asks_for_one_sample(model):
+    with pytest.raises(ValueError, match="num_samples"):
+        sample(model, do_sample=False, num_samples=4)

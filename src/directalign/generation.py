@@ -1,10 +1,11 @@
-"""Batched KV-cache sampling, bucketed by prompt length so batches carry little padding."""
+"""Batched KV-cache sampling, bucketed by prompt length so batches carry little padding, each prompt
+prefilled once for all its samples."""
 
 import gc
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from directalign.logprobs import gather_token_logps
 
@@ -29,10 +30,14 @@ def sample_completions(
     """``num_samples`` completions per prompt, each cut after its first eos (kept, as in training).
 
     Prompts are sorted by length and batched, then the results are put back in prompt order.
+    Each prompt is prefilled once and its KV cache shared by its ``num_samples`` samples
+    (``shared_prompt_cache``), rather than ``num_return_sequences`` prefilling every copy.
     With ``return_logps`` it also returns the sampling model's per-token log-probs (at
     temperature 1, from the raw logits), which spares a second forward pass over the samples.
     ``synced_gpus`` keeps every rank stepping until all are done, which FSDP's sharded layers need.
     """
+    if num_samples > 1 and not do_sample:
+        raise ValueError(f"greedy decoding gives one completion per prompt, not num_samples={num_samples}")
     model.eval()
     device = next(model.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -43,22 +48,29 @@ def sample_completions(
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
     )
+    share_prefill = num_samples > 1
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         rows = order[start : start + batch_size]
-        width = max(len(prompt_ids[i]) for i in rows)
+        # A shared prefill caches every column but the last, so it needs two: a batch of one-token prompts
+        # gets a masked pad column rather than skipping that forward, which FSDP ranks must all run.
+        width = max([2 if share_prefill else 1] + [len(prompt_ids[i]) for i in rows])
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for j, i in enumerate(rows):
             input_ids[j, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
             attention_mask[j, width - len(prompt_ids[i]) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        prompt_cache = (
+            shared_prompt_cache(model, input_ids, attention_mask, num_samples) if share_prefill else None
+        )
         torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
         output = model.generate(
             return_dict_in_generate=True,
             output_logits=return_logps,
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            input_ids=input_ids.repeat_interleave(num_samples, dim=0),
+            attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
+            cache=prompt_cache,
             max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
             pad_token_id=pad_id,
             eos_token_id=eos_id,
             top_k=None,
@@ -74,6 +86,30 @@ def sample_completions(
             if return_logps:
                 logps[rows[j // num_samples]].append(token_logps[j, : len(completion)].tolist())
     return (results, logps) if return_logps else results
+
+
+def shared_prompt_cache(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int
+) -> DynamicCache:
+    """The KV cache of each left-padded prompt but its last token, computed once and repeated ``copies``
+    times in the batch dimension (each prompt's copies side by side, as ``num_return_sequences`` lays
+    them out).
+
+    The last token stays out because ``generate`` must run at least one uncached input position: that
+    step yields the first sampled token's logits. Position ids follow the mask, as ``generate`` sets them.
+    """
+    prefix_mask = attention_mask[:, :-1]
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=prefix_mask,
+        position_ids=(prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache.batch_repeat_interleave(copies)
+    return cache
 
 
 def release_accelerator_memory() -> None:
