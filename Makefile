@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test lint smoke reproduce bandit headlines beta-sweep sweep bench gpu-check clean
+.PHONY: help install test lint smoke reproduce bandit length-bandit headlines beta-sweep sweep bench gpu-check clean
 
 help:  ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,10 +38,13 @@ bandit: install  ## Paper B's toy bandit (Figure 1) into results/bandit/
 	$(PY) pipelines/bandit.py out_dir=results/bandit/paper_settings
 	$(PY) pipelines/bandit.py bandit.epochs=500 out_dir=results/bandit/long
 
+length-bandit: install  ## Exact length study on the toy bandit into results/length_bandit/
+	$(PY) pipelines/length_bandit.py
+
 headlines: install  ## The default experiment: news headlines with SmolLM2-135M (up to an hour on CPU)
 	$(PY) pipelines/run.py experiment=headlines paths.results_dir=results/headlines
 
-reproduce: bandit headlines  ## Everything results/ shows: the bandit and the headlines experiment
+reproduce: bandit length-bandit headlines  ## Everything results/ shows: the bandits and the headlines experiment
 
 beta-sweep: install  ## The small sweep that picked the headlines betas (results/headlines/beta_sweep.md)
 	$(PY) pipelines/run.py -m experiment=beta_sweep method=dpo,ipo,copg method.beta=0.03,0.1,0.3

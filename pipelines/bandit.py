@@ -4,8 +4,10 @@
     python pipelines/bandit.py bandit.epochs=500 out_dir=results/bandit/long  # the long run
     python pipelines/bandit.py bandit.rewards=[1,0,3,2] bandit.mu1=[0.25,0.25,0.25,0.25] \
         bandit.mu2=[0.1,0.6,0.1,0.2] bandit.ref=[0.4,0.2,0.2,0.2] bandit.seed=0 out_dir=...  # any bandit
+    python pipelines/bandit.py bandit.lengths=[1,3,2] bandit.length_power=1 out_dir=...  # averaged h / |y|
 
-Every number lives in conf/bandit.yaml; results/bandit/README.md records the reference runs.
+Every number lives in conf/bandit.yaml; results/bandit/README.md records the reference runs. Each method's
+population fixed point (src/directalign/bandit.py derives them) is stored beside its trained policy.
 """
 
 import json
@@ -16,11 +18,16 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from directalign.bandit import BanditConfig, regret_figure, run, summary_table
+from directalign.validation import ConfigError
 
 
 @hydra.main(config_path="../conf", config_name="bandit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    config = BanditConfig.from_mapping(OmegaConf.to_container(cfg.bandit, resolve=True))
+    try:
+        config = BanditConfig.from_mapping(OmegaConf.to_container(cfg.bandit, resolve=True))
+    except ConfigError as error:
+        # Bad input is the user's to fix: one line naming it, not a traceback.
+        raise SystemExit(f"directalign: {error}") from None
     started = time.perf_counter()
     summary = run(config)
     summary["train_seconds"] = round(time.perf_counter() - started, 2)

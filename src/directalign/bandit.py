@@ -1,10 +1,48 @@
-"""Paper B's toy bandit (CoPG, section 5, Figure 1), generalised to any arms and distributions.
+"""Paper B's toy bandit (CoPG, section 5, Figure 1), generalised to any arms, distributions and lengths.
 
-The policy is a softmax over per-arm logits, treated as a batch of length-1 sequences so that the
-losses trained here are the very functions of ``directalign.losses`` used on language models: the
-bandit checks them where the optimum is known in closed form, ``pi* = softmax(log pi_ref + R/beta)``.
-Every seed trains its own row of a ``[seeds, arms]`` logit matrix at once; Adam is elementwise and the
-loss is a sum of per-seed means, so the rows are exactly independent runs.
+The policy is a softmax over per-arm logits. Arm ``y`` is a completion of ``|y|`` tokens (``lengths``,
+default 1) whose first token carries its whole log-probability, so the losses trained here are the very
+functions of ``directalign.losses`` used on language models, on the normalised log-ratio
+``g(y) = h(y) / |y|^a`` of ``sequence_logratio``, with ``h = log pi - log pi_ref`` and
+``a = length_power`` (0: summed, 1: averaged). Every seed trains its own row of a ``[seeds, arms]``
+logit matrix at once; Adam is elementwise and the loss is a sum of per-seed means, so the rows are
+exactly independent runs.
+
+Population fixed points (``fixed_point``). Write ``n(y) = |y|^a``, ``u = R / beta``,
+``m = mu1 + mu2`` (how often an arm appears in a pair) and call two arms joined when
+``mu1(y) mu2(y') > 0`` for ``y != y'``. The CoPG, DPO and IPO fixed points have the form
+``pi(y) = pi_ref(y) exp(n(y) (g0(y) + C))``: those losses see only differences ``g(y) - g(y')``, and the
+one constant ``C`` with ``sum_y pi(y) = 1`` is a 1-D root, monotone because every ``n(y) > 0``. If the
+joined arms form more than one group, each group has its own free constant: no unique fixed point (null).
+
+- CoPG, ``(R(y) - R(y') - beta (g(y) - g(y')))^2 / (2 beta)`` per pair: zero on every pair iff
+  ``g(y) - g(y') = u(y) - u(y')``, so ``g0 = u`` and ``h(y) = |y|^a (R(y) / beta + C)``. At ``a = 0``
+  this is ``pi* = softmax(log pi_ref + R / beta)``, the maximiser of
+  ``J(pi) = E_pi[R] - beta KL(pi || pi_ref)``; at equal lengths ``L`` it is that of ``beta / L^a``.
+  Every pair is fitted exactly, so any sample whose pairs join all arms has this fixed point, whatever
+  ``mu1`` and ``mu2``.
+- DPO on Bradley-Terry preferences ``P(y > y') = sigmoid(R(y) - R(y'))``: a pair's population loss is
+  the cross-entropy of ``sigmoid(beta d)`` against that probability, ``d = g(y) - g(y')``, least at
+  ``beta d = R(y) - R(y')``: CoPG's condition, so CoPG's fixed point. On a finite sample the optimum is
+  instead the Bradley-Terry fit of the drawn labels, which is finite only if every split of the arms
+  into two groups has a win each way (else ``h`` diverges); training reaches that, up to sampling noise.
+- IPO on the same preferences: ``p (d - tau)^2 + (1 - p) (d + tau)^2 = (d - tau (2p - 1))^2 + const``
+  with ``tau = 1 / (2 beta)`` and ``2p - 1 = tanh((R(y) - R(y')) / 2)``, so population IPO is least
+  squares of ``g(y) - g(y')`` onto ``t(y, y') = tanh((R(y) - R(y')) / 2) / (2 beta)`` with weights
+  ``w(y, y') = mu1(y) mu2(y') + mu1(y') mu2(y)``: ``g0`` solves the linear (Laplacian) system
+  ``sum_y' w(y, y') (g0(y) - g0(y') - t(y, y')) = 0``. It depends on ``mu1`` and ``mu2``, and is not
+  ``pi*`` even at ``a = 0``: its targets are a quarter of CoPG's for small reward gaps, and below ``tau``.
+- PG, baseline 0: the expected update ascends ``Phi = sum_y m(y) (R(y) g(y) - beta g(y)^2 / 2)`` and is
+  zero iff ``m(y) (R(y) - beta g(y)) / n(y) = S pi(y)`` on every arm for one number ``S``. If
+  ``F = sum_y pi_ref(y) exp(n(y) u(y)) > 1`` then ``S > 0`` and Lambert's W solves each arm:
+  ``h(y) = n(y) u(y) - omega(log S + c(y))`` with ``c(y) = log(pi_ref(y) n(y)^2 / (m(y) beta)) + n(y) u(y)``
+  and ``omega(x) = W(exp x)`` (Wright omega), ``log S`` being the 1-D monotone root of ``sum pi = 1``;
+  ``S <= 0`` would need ``g >= u`` on every arm, so ``sum pi >= F``: this is the only stationary point,
+  hence the limit (``Phi`` is bounded above). If ``F <= 1`` then ``S <= 0``, where an arm's
+  equation can have two roots: not derived (null). An arm with ``m(y) = 0`` would need ``pi(y) = 0``:
+  no finite fixed point (null).
+- PG, value baseline ``b = E_pi[R]``: the same equations with ``R - b``, and ``b`` depends on ``pi``: a
+  2-D root ``(S, b)``, not a closed form nor a 1-D root; not derived (null).
 """
 
 from __future__ import annotations
@@ -16,10 +54,15 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy.optimize import brentq
+from scipy.sparse.csgraph import connected_components
+from scipy.special import logsumexp, wrightomega
 
-from directalign.losses import PAIRWISE_PREFERENCE_LOSSES, copg_loss, sequence_logratio
+from directalign.losses import PAIRWISE_PREFERENCE_LOSSES, copg_loss, length_normaliser, sequence_logratio
+from directalign.validation import ConfigError
 
 METHOD_LABELS = {
     "copg": "CoPG",
@@ -32,6 +75,8 @@ METHOD_LABELS = {
 PROBABILITY_SUM_TOLERANCE = 1e-6
 CONFIG_KEYS = (
     "rewards",
+    "lengths",
+    "length_power",
     "mu1",
     "mu2",
     "ref",
@@ -52,6 +97,8 @@ class BanditConfig:
     """The ``bandit`` config section, validated on construction so bad input fails before any compute."""
 
     rewards: tuple[float, ...]
+    lengths: tuple[int, ...] | None
+    length_power: float
     mu1: tuple[float, ...]
     mu2: tuple[float, ...]
     ref: tuple[float, ...] | None
@@ -70,11 +117,13 @@ class BanditConfig:
         missing = [key for key in CONFIG_KEYS if key not in section]
         unknown = [key for key in section if key not in CONFIG_KEYS]
         if missing or unknown:
-            raise ValueError(f"bandit: missing keys {missing}, unknown keys {unknown}")
+            raise ConfigError(f"bandit: missing keys {missing}, unknown keys {unknown}")
         seed = section["seed"]
         seeds = section["seeds"] if seed is None else [seed]
         return cls(
             rewards=_numbers("rewards", section["rewards"]),
+            lengths=None if section["lengths"] is None else _sequence("lengths", section["lengths"]),
+            length_power=section["length_power"],
             mu1=_numbers("mu1", section["mu1"]),
             mu2=_numbers("mu2", section["mu2"]),
             ref=None if section["ref"] is None else _numbers("ref", section["ref"]),
@@ -89,29 +138,44 @@ class BanditConfig:
         )
 
     def __post_init__(self) -> None:
+        n_arms = len(self.rewards)
         if not self.rewards or not all(math.isfinite(r) for r in self.rewards):
-            raise ValueError(f"bandit.rewards must be a non-empty list of finite numbers, got {self.rewards}")
-        _check_distribution("mu1", self.mu1, len(self.rewards), strictly_positive=False)
-        _check_distribution("mu2", self.mu2, len(self.rewards), strictly_positive=False)
+            raise ConfigError(
+                f"bandit.rewards must be a non-empty list of finite numbers, got {self.rewards}"
+            )
+        if self.lengths is not None:
+            if len(self.lengths) != n_arms:
+                raise ConfigError(
+                    f"bandit.lengths has {len(self.lengths)} entries but bandit.rewards has {n_arms} arms"
+                )
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.lengths):
+                raise ConfigError(
+                    f"bandit.lengths must be token counts, integers >= 1, got {list(self.lengths)}"
+                )
+        power = self.length_power
+        if isinstance(power, bool) or not isinstance(power, int | float) or not 0 <= power <= 1:
+            raise ConfigError(f"bandit.length_power must be a number in [0, 1], got {power!r}")
+        _check_distribution("mu1", self.mu1, n_arms, strictly_positive=False)
+        _check_distribution("mu2", self.mu2, n_arms, strictly_positive=False)
         if self.ref is not None:
-            _check_distribution("ref", self.ref, len(self.rewards), strictly_positive=True)
+            _check_distribution("ref", self.ref, n_arms, strictly_positive=True)
         for key in ("beta", "lr"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"bandit.{key} must be a number > 0, got {value!r}")
+                raise ConfigError(f"bandit.{key} must be a number > 0, got {value!r}")
         for key in ("n_pairs", "batch_size", "epochs", "log_every"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"bandit.{key} must be an integer >= 1, got {value!r}")
+                raise ConfigError(f"bandit.{key} must be an integer >= 1, got {value!r}")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
-            raise ValueError(
+            raise ConfigError(
                 f"bandit.seeds (or bandit.seed) must be a non-empty list of integers, got {list(self.seeds)}"
             )
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"bandit.seeds must not repeat a seed, got {list(self.seeds)}")
+            raise ConfigError(f"bandit.seeds must not repeat a seed, got {list(self.seeds)}")
         unknown = [m for m in self.methods if m not in METHOD_LABELS]
         if not self.methods or unknown or len(set(self.methods)) != len(self.methods):
-            raise ValueError(
+            raise ConfigError(
                 f"bandit.methods must be distinct names among {list(METHOD_LABELS)}, got {list(self.methods)}"
             )
 
@@ -121,29 +185,45 @@ class BanditConfig:
         n_arms = len(self.rewards)
         return self.ref if self.ref is not None else (1.0 / n_arms,) * n_arms
 
+    @property
+    def completion_lengths(self) -> tuple[int, ...]:
+        """``|y|`` per arm, with ``lengths: null`` read as all 1 (paper B's bandit)."""
+        return self.lengths if self.lengths is not None else (1,) * len(self.rewards)
+
 
 def _sequence(key: str, value: object) -> tuple:
     if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise ValueError(f"bandit.{key} must be a list, got {value!r}")
+        raise ConfigError(f"bandit.{key} must be a list, got {value!r}")
     return tuple(value)
 
 
 def _numbers(key: str, value: object) -> tuple[float, ...]:
     items = _sequence(key, value)
     if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in items):
-        raise ValueError(f"bandit.{key} must be a list of numbers, got {list(items)}")
+        raise ConfigError(f"bandit.{key} must be a list of numbers, got {list(items)}")
     return tuple(float(x) for x in items)
 
 
 def _check_distribution(key: str, probs: tuple[float, ...], n_arms: int, strictly_positive: bool) -> None:
     if len(probs) != n_arms:
-        raise ValueError(f"bandit.{key} has {len(probs)} entries but bandit.rewards has {n_arms} arms")
+        raise ConfigError(f"bandit.{key} has {len(probs)} entries but bandit.rewards has {n_arms} arms")
     if not all(math.isfinite(p) for p in probs) or min(probs) < 0:
-        raise ValueError(f"bandit.{key} must not have negative entries, got {list(probs)}")
+        raise ConfigError(f"bandit.{key} must not have negative entries, got {list(probs)}")
     if strictly_positive and min(probs) == 0:
-        raise ValueError(f"bandit.{key} must be > 0 on every arm (its log is taken), got {list(probs)}")
+        raise ConfigError(f"bandit.{key} must be > 0 on every arm (its log is taken), got {list(probs)}")
     if abs(sum(probs) - 1.0) > PROBABILITY_SUM_TOLERANCE:
-        raise ValueError(f"bandit.{key} must sum to 1, got sum {sum(probs)!r} for {list(probs)}")
+        raise ConfigError(f"bandit.{key} must sum to 1, got sum {sum(probs)!r} for {list(probs)}")
+
+
+def completion_mask(lengths: Sequence[int]) -> torch.Tensor:
+    """``[arms, max length]`` float64 mask, 1 on the ``|y|`` tokens of each arm's completion."""
+    return (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).to(torch.float64)
+
+
+def arm_normalisers(lengths: Sequence[int], length_power: float) -> np.ndarray:
+    """``|y|^a`` per arm, as ``losses.length_normaliser`` computes it for training (in float32), so a
+    fixed point is that of the very loss trained."""
+    return length_normaliser(completion_mask(lengths), length_power).double().numpy()
 
 
 def log_optimal_policy(rewards: torch.Tensor, log_ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -173,6 +253,131 @@ def regret(
     term >= 0, the added terms sum to 0) keeps full relative precision all the way to pi = pi*."""
     gap = log_policy - log_optimal_policy(rewards, log_ref, beta)
     return beta * (log_policy.exp() * (gap + torch.expm1(-gap))).sum(-1)
+
+
+def total_variation(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
+    """``TV(p, q) = sum |p - q| / 2``: the largest gap in probability over any set of arms."""
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """A method's population fixed point: ``policy`` with its formula in ``note``, or ``None`` with the
+    reason in ``note``."""
+
+    policy: np.ndarray | None
+    note: str
+
+
+def normalised_policy(log_ref: np.ndarray, normalisers: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """``pi = pi_ref exp(n (g0 + C))`` for ``g0 = shape`` and the one ``C`` with ``sum pi = 1``. The log of
+    the sum rises strictly with ``C`` (every ``n > 0``), is < 0 once every ``g0 + C < 0`` and > 0 once every
+    ``g0 + C > 0``: that brackets the root."""
+
+    def log_total(shift: float) -> float:
+        return logsumexp(log_ref + normalisers * (shape + shift))
+
+    shift = brentq(log_total, -shape.max() - 1.0, -shape.min() + 1.0, xtol=1e-15)
+    log_policy = log_ref + normalisers * (shape + shift)
+    return np.exp(log_policy - logsumexp(log_policy))
+
+
+def copg_fixed_point(
+    rewards: np.ndarray, log_ref: np.ndarray, normalisers: np.ndarray, beta: float
+) -> np.ndarray:
+    """CoPG's fixed point, and population DPO's: ``h(y) = |y|^a (R(y) / beta + C)``."""
+    return normalised_policy(log_ref, normalisers, rewards / beta)
+
+
+def ipo_fixed_point(
+    rewards: np.ndarray,
+    log_ref: np.ndarray,
+    normalisers: np.ndarray,
+    beta: float,
+    mu1: np.ndarray,
+    mu2: np.ndarray,
+) -> np.ndarray:
+    """Population IPO's fixed point: ``g0`` the least-squares fit of the gaps onto
+    ``tanh((R(y) - R(y')) / 2) / (2 beta)`` weighted by the pair probabilities, whose normal equations are
+    a Laplacian system (singular along constants: ``lstsq`` picks one ``g0``, ``C`` absorbs the rest)."""
+    weights = np.outer(mu1, mu2)
+    weights = weights + weights.T
+    np.fill_diagonal(weights, 0.0)
+    targets = np.tanh((rewards[:, None] - rewards[None, :]) / 2) / (2 * beta)
+    laplacian = np.diag(weights.sum(1)) - weights
+    shape = np.linalg.lstsq(laplacian, (weights * targets).sum(1), rcond=None)[0]
+    return normalised_policy(log_ref, normalisers, shape)
+
+
+def pg_fixed_point(
+    rewards: np.ndarray, log_ref: np.ndarray, normalisers: np.ndarray, beta: float, visits: np.ndarray
+) -> np.ndarray:
+    """PG's (baseline 0) stationary point when ``F = sum pi_ref exp(n R / beta) > 1`` and every arm is
+    visited: ``h = n R / beta - omega(log S + c)``. ``sum pi`` falls strictly with ``log S`` (omega rises);
+    as ``omega(x) <= exp(x)`` it is > 1 while every ``omega <= log(F) / 2``, and as ``omega(y + log y) = y``
+    it is < 1 once ``omega >= n R / beta`` on every arm: that brackets the root."""
+    scaled = normalisers * rewards / beta
+    offsets = log_ref + scaled + np.log(normalisers**2 / (visits * beta))
+
+    def log_total(log_s: float) -> float:
+        return logsumexp(log_ref + scaled - wrightomega(log_s + offsets))
+
+    rewarded = scaled > 0  # F > 1 needs one
+    low = math.log(logsumexp(log_ref + scaled) / 2) - offsets.max()
+    high = np.max(scaled[rewarded] + np.log(scaled[rewarded]) - offsets[rewarded]) + 1.0
+    log_s = brentq(log_total, low, high, xtol=1e-15)
+    log_policy = log_ref + scaled - wrightomega(log_s + offsets)
+    return np.exp(log_policy - logsumexp(log_policy))
+
+
+def fixed_point(config: BanditConfig, method: str) -> FixedPoint:
+    """``method``'s population fixed point at the config's lengths and length power (module docstring)."""
+    rewards, mu1, mu2 = (np.asarray(values) for values in (config.rewards, config.mu1, config.mu2))
+    log_ref = np.log(config.reference)
+    normalisers = arm_normalisers(config.completion_lengths, config.length_power)
+    if method == "pg_value":
+        return FixedPoint(
+            None,
+            "not derived: the baseline E_pi[R] couples the arms' stationarity equations into a 2-D root "
+            "(S, b), neither a closed form nor a 1-D root",
+        )
+    if method == "pg":
+        unvisited = np.flatnonzero(mu1 + mu2 == 0).tolist()
+        if unvisited:
+            return FixedPoint(
+                None, f"none finite: arms {unvisited} never appear in a pair, where stationarity needs pi = 0"
+            )
+        if logsumexp(log_ref + normalisers * rewards / config.beta) <= 0:
+            return FixedPoint(
+                None,
+                "not derived: sum pi_ref exp(|y|^a R / beta) <= 1 puts it at S <= 0, where an arm's "
+                "stationarity equation can have two roots",
+            )
+        return FixedPoint(
+            pg_fixed_point(rewards, log_ref, normalisers, config.beta, mu1 + mu2),
+            "h = |y|^a R / beta - omega(log S + log(pi_ref |y|^(2a) / ((mu1 + mu2) beta)) + |y|^a R / beta), "
+            "omega the Wright omega function, log S the 1-D root of sum pi = 1",
+        )
+    joined = np.outer(mu1 > 0, mu2 > 0)
+    np.fill_diagonal(joined, False)
+    groups = connected_components(joined, directed=False)[0]
+    if groups > 1:
+        return FixedPoint(
+            None, f"not unique: the pairs join the arms into {groups} separate groups, each with its own C"
+        )
+    if method == "ipo":
+        return FixedPoint(
+            ipo_fixed_point(rewards, log_ref, normalisers, config.beta, mu1, mu2),
+            "pi = pi_ref exp(|y|^a (g0 + C)), g0 the least-squares fit of g(y) - g(y') onto "
+            "tanh((R(y) - R(y')) / 2) / (2 beta) weighted by mu1(y) mu2(y'), C the 1-D root of sum pi = 1",
+        )
+    population = (
+        " (population; on a finite sample, the Bradley-Terry fit of its labels)" if method == "dpo" else ""
+    )
+    return FixedPoint(
+        copg_fixed_point(rewards, log_ref, normalisers, config.beta),
+        f"pi = pi_ref exp(|y|^a (R / beta + C)), C the 1-D root of sum pi = 1{population}",
+    )
 
 
 @dataclass(frozen=True)
@@ -213,13 +418,36 @@ def sample_pairs(config: BanditConfig, generator: torch.Generator) -> PairData:
     )
 
 
-def arm_logratio(logits: torch.Tensor, log_ref: torch.Tensor, arms: torch.Tensor) -> torch.Tensor:
-    """``h(y) = log pi(y) - log pi_ref(y)`` for ``arms`` (``[seeds, batch]``), computed by the LLM
-    code path: each arm is a completion of one token, reduced by ``sequence_logratio``."""
-    policy_logps = torch.log_softmax(logits, dim=-1).gather(1, arms).reshape(-1, 1)
-    ref_logps = log_ref[arms].reshape(-1, 1)
-    mask = torch.ones_like(policy_logps)
-    return sequence_logratio(policy_logps, ref_logps, mask).view_as(arms)
+@dataclass(frozen=True)
+class ArmTensors:
+    """What the losses read of the arms: rewards, log pi_ref, and each arm's completion mask and the
+    length power that normalise its log-ratio."""
+
+    rewards: torch.Tensor
+    log_ref: torch.Tensor
+    completion_mask: torch.Tensor
+    length_power: float
+
+    @classmethod
+    def from_config(cls, config: BanditConfig) -> ArmTensors:
+        return cls(
+            rewards=torch.tensor(config.rewards, dtype=torch.float64),
+            log_ref=torch.tensor(config.reference, dtype=torch.float64).log(),
+            completion_mask=completion_mask(config.completion_lengths),
+            length_power=config.length_power,
+        )
+
+    def logratio(self, logits: torch.Tensor, arms: torch.Tensor) -> torch.Tensor:
+        """``g(y) = h(y) / |y|^a`` for ``arms`` (``[seeds, batch]``), computed by the LLM code path:
+        ``sequence_logratio`` over each arm's ``|y|`` completion tokens, the first carrying the arm's
+        log-probability and the others 0, so the mask alone sets ``|y|``."""
+        policy_logps = torch.log_softmax(logits, dim=-1).gather(1, arms).reshape(-1, 1)
+        ref_logps = self.log_ref[arms].reshape(-1, 1)
+        mask = self.completion_mask[arms.reshape(-1)]
+        padding = (0, mask.shape[1] - 1)
+        return sequence_logratio(
+            F.pad(policy_logps, padding), F.pad(ref_logps, padding), mask, self.length_power
+        ).view_as(arms)
 
 
 def policy_gradient_loss(
@@ -231,37 +459,32 @@ def policy_gradient_loss(
     baseline: torch.Tensor,
 ) -> torch.Tensor:
     """Off-policy PG surrogate of paper B's baselines, per pair, to minimise. Its gradient is
-    ``-[(R_beta(y) - b) grad log pi(y) + (R_beta(y') - b) grad log pi(y')]`` with ``R_beta = R - beta*h``:
-    the coefficients are detached (a REINFORCE weight, not a target), and ``grad h = grad log pi``
-    since pi_ref is frozen. Without importance weights this is biased off-policy, which is the point."""
+    ``-[(R_beta(y) - b) grad g(y) + (R_beta(y') - b) grad g(y')]`` with ``R_beta = R - beta*g``: the
+    coefficients are detached (a REINFORCE weight, not a target), and ``grad g = grad log pi / |y|^a``
+    since pi_ref is frozen (``g = h`` at ``a = 0``). Without importance weights this is biased
+    off-policy, which is the point."""
     weight_a = (reward_a - beta * logratio_a - baseline).detach()
     weight_b = (reward_b - beta * logratio_b - baseline).detach()
     return -(weight_a * logratio_a + weight_b * logratio_b)
 
 
 def pair_loss(
-    method: str,
-    logits: torch.Tensor,
-    log_ref: torch.Tensor,
-    rewards: torch.Tensor,
-    beta: float,
-    batch: PairData,
+    method: str, logits: torch.Tensor, arms: ArmTensors, beta: float, batch: PairData
 ) -> torch.Tensor:
     """Per-pair loss ``[seeds, batch]`` of ``method``: DPO and IPO see only the Bradley-Terry ranking of
     a pair, CoPG and the PG baselines see both rewards."""
     if method in PAIRWISE_PREFERENCE_LOSSES:
-        h_chosen = arm_logratio(logits, log_ref, batch.chosen)
-        h_rejected = arm_logratio(logits, log_ref, batch.rejected)
-        return PAIRWISE_PREFERENCE_LOSSES[method](h_chosen, h_rejected, beta)
-    h_a, h_b = arm_logratio(logits, log_ref, batch.first), arm_logratio(logits, log_ref, batch.second)
-    reward_a, reward_b = rewards[batch.first], rewards[batch.second]
+        g_chosen, g_rejected = arms.logratio(logits, batch.chosen), arms.logratio(logits, batch.rejected)
+        return PAIRWISE_PREFERENCE_LOSSES[method](g_chosen, g_rejected, beta)
+    g_a, g_b = arms.logratio(logits, batch.first), arms.logratio(logits, batch.second)
+    reward_a, reward_b = arms.rewards[batch.first], arms.rewards[batch.second]
     if method == "copg":
-        return copg_loss(h_a, h_b, reward_a, reward_b, beta)
+        return copg_loss(g_a, g_b, reward_a, reward_b, beta)
     if method == "pg_value":  # the exact value E_{y~pi}[R(y)] of each seed's current policy
-        baseline = (torch.softmax(logits, dim=-1) * rewards).sum(-1, keepdim=True)
+        baseline = (torch.softmax(logits, dim=-1) * arms.rewards).sum(-1, keepdim=True)
     else:
         baseline = torch.zeros((), dtype=logits.dtype)
-    return policy_gradient_loss(h_a, h_b, reward_a, reward_b, beta, baseline)
+    return policy_gradient_loss(g_a, g_b, reward_a, reward_b, beta, baseline)
 
 
 @dataclass(frozen=True)
@@ -306,8 +529,8 @@ def single_thread() -> Iterator[None]:
 def train(config: BanditConfig, method: str, data: PairData) -> TrainResult:
     """Adam on the logits (started at pi_ref) for ``epochs`` shuffled passes over the pairs, all seeds
     at once, recording the regret ``J(pi*) - J(pi)`` every ``log_every`` steps and at the end."""
-    rewards = torch.tensor(config.rewards, dtype=torch.float64)
-    log_ref = torch.tensor(config.reference, dtype=torch.float64).log()
+    arms = ArmTensors.from_config(config)
+    rewards, log_ref = arms.rewards, arms.log_ref
     shufflers = [seed_streams(seed)[1] for seed in config.seeds]
     logits = log_ref.repeat(len(config.seeds), 1).requires_grad_()
     optimiser = torch.optim.Adam([logits], lr=config.lr)
@@ -322,7 +545,7 @@ def train(config: BanditConfig, method: str, data: PairData) -> TrainResult:
     for _ in range(config.epochs):
         order = torch.stack([torch.randperm(config.n_pairs, generator=g) for g in shufflers])
         for index in order.split(config.batch_size, dim=1):
-            loss = pair_loss(method, logits, log_ref, rewards, config.beta, data.take(index)).mean(-1).sum()
+            loss = pair_loss(method, logits, arms, config.beta, data.take(index)).mean(-1).sum()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -346,7 +569,8 @@ def _spread(values: np.ndarray) -> np.ndarray:
 
 def run(config: BanditConfig) -> dict:
     """Train every method on the same per-seed datasets; return the JSON-ready summary: pi*, J(pi*)
-    and per method the seed-mean final policy, J and regret, their spread, per-seed values and curves."""
+    and per method the seed-mean final policy beside the method's fixed point (or null and why) and
+    their total variation, J and regret, their spread, per-seed values and curves."""
     rewards = torch.tensor(config.rewards, dtype=torch.float64)
     log_ref = torch.tensor(config.reference, dtype=torch.float64).log()
     data = sample_datasets(config)
@@ -354,9 +578,14 @@ def run(config: BanditConfig) -> dict:
     for method in config.methods:
         result = train(config, method, data)
         final = result.regrets[:, -1]
+        policy = result.policies.mean(axis=0)
+        point = fixed_point(config, method)
         methods[method] = {
             "label": METHOD_LABELS[method],
-            "policy": result.policies.mean(axis=0).tolist(),
+            "policy": policy.tolist(),
+            "fixed_point": None if point.policy is None else point.policy.tolist(),
+            "fixed_point_note": point.note,
+            "fixed_point_tv": None if point.policy is None else total_variation(policy, point.policy),
             "policy_std": _spread(result.policies).tolist(),
             "J": float(result.objectives.mean()),
             "regret": float(final.mean()),
@@ -386,26 +615,31 @@ def run(config: BanditConfig) -> dict:
 
 
 def summary_table(summary: dict) -> str:
-    """Markdown table of the final policy, J and regret of each method: seed means, and the regret's
-    sample std over seeds."""
+    """Markdown table of the final policy, J, regret and distance to the fixed point of each method: seed
+    means, and the regret's sample std over seeds."""
     config = summary["config"]
     seeds = config["seeds"]
     arms = len(summary["pi_star"])
+    lengths = config["lengths"] or [1] * arms
     lines = [
-        f"Toy bandit (paper B, Figure 1): R = {config['rewards']}, beta = {config['beta']}, "
+        f"Toy bandit (paper B, Figure 1, with lengths): R = {config['rewards']}, |y| = {lengths}, "
+        f"length power a = {config['length_power']}, beta = {config['beta']}, "
         f"{config['n_pairs']} pairs, Adam lr {config['lr']}, batch {config['batch_size']}, "
         f"{config['epochs']} epochs; {len(seeds)} seed(s) {seeds}. J(pi*) = {summary['J_star']:.4f}.",
         "",
         "| method | "
         + " | ".join(f"pi(arm {i})" for i in range(arms))
-        + " | J(pi) | final regret (mean ± std) |",
-        "|---|" + "---:|" * (arms + 2),
-        "| pi* | " + " | ".join(f"{p:.4f}" for p in summary["pi_star"]) + f" | {summary['J_star']:.4f} | 0 |",
+        + " | J(pi) | final regret (mean ± std) | TV to its fixed point |",
+        "|---|" + "---:|" * (arms + 3),
+        "| pi* | "
+        + " | ".join(f"{p:.4f}" for p in summary["pi_star"])
+        + f" | {summary['J_star']:.4f} | 0 | |",
     ]
     for entry in summary["methods"].values():
         policy = " | ".join(f"{p:.4f}" for p in entry["policy"])
         regret = f"{entry['regret']:.4g} ± {entry['regret_std']:.2g}"
-        lines.append(f"| {entry['label']} | {policy} | {entry['J']:.4f} | {regret} |")
+        distance = "none derived" if entry["fixed_point_tv"] is None else f"{entry['fixed_point_tv']:.2g}"
+        lines.append(f"| {entry['label']} | {policy} | {entry['J']:.4f} | {regret} | {distance} |")
     return "\n".join(lines) + "\n"
 
 
