@@ -75,6 +75,7 @@ MINI_SMOKE = (
     "stage.sft.checkpoint_every_n_steps=2",
     "stage.reward.checkpoint_every_n_steps=1",
     "stage.align.batch_size=2",
+    "stage.align.prompts_per_batch=2",
     "stage.align.checkpoint_every_n_steps=2",
     "stage.align.curve_every_n_steps=2",
     "stage.align.curve_prompts=2",

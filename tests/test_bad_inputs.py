@@ -4,6 +4,7 @@
 | bad input                             | caught by                     | outcome                         |
 | ------------------------------------- | ----------------------------- | ------------------------------- |
 | each row of CONFIG_ERRORS             | validate_config               | ConfigError naming the key      |
+| reward model at chance on held-out    | reward stage (calibration)    | DataError naming the key        |
 | `method` overridden beside `compare`  | validate_config               | ConfigError naming `compare`    |
 | each row of SPLIT_ERRORS              | check_task_data (in sft.run)  | DataError: split, row, id       |
 | prompt longer than the model context  | check_prompt_lengths          | DataError: split, row, id       |
@@ -127,6 +128,47 @@ CONFIG_ERRORS = [
         ["stage.generate.num_completions=0"],
         r"^stage\.generate\.num_completions=0 must be an integer >= 1$",
         id="no-completion",
+    ),
+    pytest.param(
+        ["task=tldr", "stage.generate.reward_source=gold"],
+        r"^stage\.generate\.reward_source='gold' needs a task with a gold judge; task 'tldr' has none$",
+        id="gold-rewards-without-a-judge",
+    ),
+    pytest.param(
+        ["stage.generate.reward_source=oracle"],
+        r"^stage\.generate\.reward_source='oracle' must be one of \['proxy', 'gold'\]$",
+        id="unknown-reward-source",
+    ),
+    pytest.param(
+        ["stage.evaluate.best_of_n=[1,0,4]"],
+        r"^stage\.evaluate\.best_of_n\[1\]=0 must be an integer >= 1$",
+        id="best-of-zero",
+    ),
+    pytest.param(
+        ["stage.evaluate.n_samples=0"],
+        r"^stage\.evaluate\.n_samples=0 must be an integer >= 1$",
+        id="no-evaluation-samples",
+    ),
+    pytest.param(
+        ["method.seeds=[0,0]"],
+        r"^method\.seeds=\[0, 0\] must be a non-empty list of distinct training seeds$",
+        id="repeated-seed",
+    ),
+    pytest.param(
+        [
+            "experiment=smoke",
+            "+claims=[{claim: x, paper: B, contrast: [copg, kto], metric: gold_reward, direction: 1}]",
+        ],
+        r"^claims\[0\]\.contrast=\['copg', 'kto'\] must name two evaluated policies of",
+        id="claim-on-an-unknown-policy",
+    ),
+    pytest.param(
+        [
+            "experiment=smoke",
+            "+claims=[{claim: x, paper: B, contrast: [copg, dpo], metric: gold, direction: 1}]",
+        ],
+        r"^claims\[0\]\.metric='gold' must be one of",
+        id="claim-on-an-unknown-metric",
     ),
     pytest.param(
         ["task.max_completion_tokens=0"],
@@ -316,10 +358,10 @@ def non_finite_scorer(scorer_class):
 
     class NonFiniteScorer(scorer_class):
         def __call__(self, sources, references, completions):
-            proxy, gold = super().__call__(sources, references, completions)
-            proxy = proxy.copy()
+            scores = super().__call__(sources, references, completions)
+            proxy = scores.proxy.copy()
             proxy[::5], proxy[2::5] = float("nan"), float("inf")
-            return proxy, gold
+            return scores._replace(proxy=proxy)
 
     return NonFiniteScorer
 
@@ -389,7 +431,7 @@ def test_offpolicy_data_without_a_usable_pair_is_refused_before_training(mini_co
     )
     inputs = {"sft": completed(reference, SFT), "reward": completed(reference, REWARD), "offpolicy": tied}
     with pytest.raises(DataError, match=r"^align dpo: the off-policy dataset .* yields no usable pairs$"):
-        ALIGN.run(ctx.for_method("dpo", ctx.cfg.compare.dpo), inputs)
+        ALIGN.run(ctx.for_method("dpo", ctx.cfg.compare.dpo, 0), inputs)
     assert not list(ctx.store.root.glob("align/*/manifest.json"))
 
 

@@ -17,9 +17,17 @@ from directalign.claims import (
     win_tie_loss,
     write_claims,
 )
+from directalign.estimates import PairedDifference, paired_difference
 from directalign.validation import ConfigError, DataError
 
 GOLD_CLAIM = ("CoPG beats DPO on gold reward", "paper B", "copg - dpo", "gold_reward")
+
+
+def difference(values: list[float]) -> PairedDifference:
+    """The paired difference whose per-prompt values are ``values``: one seed each, the baseline 0."""
+    policy = [{"id": f"p{i}", "gold_reward": v} for i, v in enumerate(values)]
+    baseline = [{"id": f"p{i}", "gold_reward": 0.0} for i in range(len(values))]
+    return paired_difference([policy], [baseline], "gold_reward")
 
 
 @pytest.mark.parametrize(
@@ -42,31 +50,38 @@ def test_verdict_rule(mean, se, direction, expected):
 def test_claim_from_paired_differences_by_hand():
     # differences 0.3, 0.2, 0.4, 0.3: mean 0.3; squared deviations 0, 0.01, 0.01, 0 sum to 0.02;
     # sample variance 0.02 / 3; se sqrt(0.02 / 3) / 2 = 0.0408, and 0.3 >= 2 * 0.0408.
-    claim = build_claim(*GOLD_CLAIM, 1, [0.3, 0.2, 0.4, 0.3])
+    claim = build_claim(*GOLD_CLAIM, 1, difference([0.3, 0.2, 0.4, 0.3]))
     assert claim.mean == pytest.approx(0.3) and claim.se == pytest.approx(math.sqrt(0.02 / 3) / 2)
     assert (claim.n, claim.direction, claim.verdict) == (4, 1, "supported")
-    assert build_claim(*GOLD_CLAIM, -1, [0.3, 0.2, 0.4, 0.3]).verdict == "contradicted"
+    assert build_claim(*GOLD_CLAIM, -1, difference([0.3, 0.2, 0.4, 0.3])).verdict == "contradicted"
     # differences 0.1, 0, 0.2, 0: mean 0.075, se sqrt(0.0275 / 3) / 2 = 0.0479, 2 se = 0.0957 > 0.075
-    assert build_claim(*GOLD_CLAIM, 1, [0.1, 0.0, 0.2, 0.0]).verdict == "inconclusive"
+    assert build_claim(*GOLD_CLAIM, 1, difference([0.1, 0.0, 0.2, 0.0])).verdict == "inconclusive"
 
 
 def test_claims_that_cannot_be_tested_are_refused():
     with pytest.raises(
         ConfigError, match=r"^claim 'CoPG beats DPO on gold reward': direction=0 must be \+1 or -1$"
     ):
-        build_claim(*GOLD_CLAIM, 0, [0.3, 0.2])
+        build_claim(*GOLD_CLAIM, 0, difference([0.3, 0.2]))
     with pytest.raises(
         DataError, match=r"1 paired differences of gold_reward, 0 not finite; needs at least 2"
     ):
-        build_claim(*GOLD_CLAIM, 1, [0.3])
+        build_claim(*GOLD_CLAIM, 1, difference([0.3]))
     with pytest.raises(DataError, match=r"3 paired differences of gold_reward, 1 not finite"):
-        build_claim(*GOLD_CLAIM, 1, [0.3, math.nan, 0.1])
+        build_claim(*GOLD_CLAIM, 1, difference([0.3, math.nan, 0.1]))
 
 
 def test_claims_json_round_trip_with_the_exact_keys(tmp_path):
     claims = [
-        build_claim(*GOLD_CLAIM, 1, [0.3, 0.2, 0.4, 0.3]),
-        build_claim("IPO is shorter than DPO", "paper A", "ipo - dpo", "length_tokens", -1, [-2.0, 1.0, 0.0]),
+        build_claim(*GOLD_CLAIM, 1, difference([0.3, 0.2, 0.4, 0.3])),
+        build_claim(
+            "IPO is shorter than DPO",
+            "paper A",
+            "ipo - dpo",
+            "length_tokens",
+            -1,
+            difference([-2.0, 1.0, 0.0]),
+        ),
     ]
     path = tmp_path / "claims.json"
 

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import ROOT
 
 METHODS = ["sft", "dpo", "ipo", "copg", "avg_dpo", "avg_ipo", "avg_copg"]
+BEST_OF = ["best_of_1", "best_of_2", "best_of_4"]
 
 
 def run_smoke(store, results, *extra):
@@ -40,11 +41,23 @@ def smoke_run(tmp_path_factory):
 def test_summary_has_a_finite_row_per_method(smoke_run):
     with (smoke_run / "results" / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["method"] for r in rows] == METHODS
+    assert [r["method"] for r in rows] == METHODS + BEST_OF
     for row in rows:
-        for key in ("proxy_reward", "gold_reward", "length_tokens", "kl_to_ref", "win_rate_vs_sft"):
+        for key in (
+            "proxy_reward",
+            "gold_reward",
+            "length_tokens",
+            "kl_to_ref",
+            "proxy_se",
+            "gold_se",
+            "kl_se",
+        ):
             assert math.isfinite(float(row[key])), (row["method"], key)
-    for name in ("summary.md", "length_vs_score.png", "reward_vs_kl.png", "reward_vs_step.png", "samples.md"):
+    for row in rows[1 : len(METHODS)]:
+        assert int(row["wins"]) + int(row["ties"]) + int(row["losses"]) == 2 * int(row["n_prompts"])
+        assert math.isfinite(float(row["win_rate_vs_sft"])) and int(row["train_steps"]) > 0
+    files = ("summary.md", "paired.csv", "paired.md", "summary_greedy.csv", "policies.json", "samples.md")
+    for name in (*files, "length_vs_score.png", "reward_vs_kl.png", "reward_vs_step.png"):
         assert (smoke_run / "results" / name).stat().st_size > 0, name
 
 

@@ -93,6 +93,19 @@ def test_shared_prompt_gives_same_loss_and_gradients(loss: str, length_power: fl
         assert torch.allclose(shared_grads[name], grad, atol=1e-5, rtol=0), name
 
 
+def test_rows_said_to_share_a_prompt_must_hold_the_same_one():
+    batch = pair_batch()
+    prompt_index = torch.tensor([0, 1, 2, 0, 1, 1])  # the last b row is said to continue pair 1's prompt
+    with pytest.raises(ValueError, match="same prompt"):
+        shared_prompt_completion_logps(
+            tied_llama(),
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"].shape[1],
+            prompt_index,
+        )
+
+
 def test_shared_prompt_needs_pair_batch():
     batch = pair_batch()
     batch["input_ids"][-1, 0] = 5  # the last b row's prompt no longer matches its a row

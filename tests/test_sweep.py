@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from directalign.report import PolicyResult, write_policies, write_tables
+from directalign.report import SUMMARY_COLUMNS, PolicyResult, write_policies, write_table
 from directalign.sweep import REPORT_DIR, write_sweep_report
 from tests.conftest import ROOT
 from tests.test_wandb import read_offline_run
@@ -33,6 +33,7 @@ def fake_job(folder: Path, method: str, beta: float, gold: float) -> None:
         }
 
     rows = [row("sft", None, None, 0.0, 0.1, 10.0), row(method, beta, 0.0, gold + 1, gold, 12.0 + beta)]
+    rows = [{column: None for column in SUMMARY_COLUMNS} | r for r in rows]
     curve = [
         {"step": s, "proxy_reward": s * gold, "gold_reward": s * gold / 2, "length_tokens": 12.0}
         for s in (0, 2)
@@ -41,8 +42,8 @@ def fake_job(folder: Path, method: str, beta: float, gold: float) -> None:
         PolicyResult("sft", None, None, {}, [], policy="sft/0"),
         PolicyResult(method, beta, 0.0, {}, [], curve, f"align/{method}{beta}"),
     ]
-    write_tables(rows, folder)
-    write_policies(results, rows, folder)
+    write_table(rows, SUMMARY_COLUMNS, folder / "summary.csv")
+    write_policies(results, rows, [], folder)
 
 
 def test_sweep_report_picks_each_methods_best_beta_by_gold(tmp_path):

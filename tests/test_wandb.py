@@ -74,6 +74,7 @@ def fake_results() -> list[PolicyResult]:
         return [
             {
                 "id": f"p{i}",
+                "sample": 0,
                 "completion": "a headline",
                 "length_tokens": 5 + i,
                 "proxy_reward": offset + i / 10,
@@ -89,6 +90,7 @@ def fake_results() -> list[PolicyResult]:
             "length_tokens": 6.5,
             "kl_to_ref": offset,
             "n_prompts": 4,
+            "n_samples": 1,
         }
 
     curve = [
@@ -108,8 +110,9 @@ def test_evaluation_run_has_tables_plots_tags_and_group(tmp_path):
     out = tmp_path / "results"
     rows = write_report(results, examples, out, seed=0)
     tags = {"stage": "evaluate", "method": "dpo", "beta": 0.1, "length_power": 0.0}
+    curves = [(r.method, r.curve) for r in results if r.curve]
     run_dir = log_wandb(
-        results, rows, out, mode="offline", dir=str(tmp_path), **wandb_run_args(cfg, "evaluate", tags)
+        rows, curves, out, mode="offline", dir=str(tmp_path), **wandb_run_args(cfg, "evaluate", tags)
     )
     wandb.teardown()  # the wandb service writes the log asynchronously; this waits for it to finish
 

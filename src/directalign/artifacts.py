@@ -75,10 +75,16 @@ class AlignedPolicy(PolicyArtifact):
 class RewardArtifact(ModelArtifact):
     """A sequence classifier with one logit, read as (source, completion) text pairs."""
 
+    @property
+    def calibration_scale(self) -> float:
+        """The temperature fitted on held-out pairs (1: the stage did not calibrate)."""
+        calibration = self.metrics.get("calibration")
+        return 1.0 if calibration is None else calibration["scale"]
+
     def scorer(self, gold: GoldJudge | None, device: torch.device) -> Scorer:
-        """The proxy reward (this model) beside the task's gold judge, on ``device``."""
+        """The calibrated proxy reward (this model) beside the task's gold judge, on ``device``."""
         max_length = self.manifest["config"]["stage.reward"]["max_length"]
-        return Scorer(self.model_dir, max_length, gold).to(device)
+        return Scorer(self.model_dir, max_length, gold, self.calibration_scale).to(device)
 
 
 @dataclass(frozen=True)
@@ -98,11 +104,13 @@ class OffPolicyData(Artifact):
 
 @dataclass(frozen=True)
 class EvalRecord:
-    """One evaluated policy: the artifact it evaluated (``<stage>/<key>``), its metrics and samples."""
+    """One evaluated policy: the artifact it evaluated (``<stage>/<key>``), its metrics, its samples
+    (``sample`` numbers them per prompt) and its greedy outputs on the first few prompts."""
 
     policy: str
     metrics: dict[str, Any]
     samples: list[dict[str, Any]]
+    greedy: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -110,12 +118,52 @@ class Evaluation(Artifact):
     """A policy's samples on the held-out prompts, one JSON line each, and their mean metrics."""
 
     SAMPLES_FILE: ClassVar[str] = "samples.jsonl"
+    GREEDY_FILE: ClassVar[str] = "greedy.jsonl"
 
     def record(self) -> EvalRecord:
-        lines = (self.path / self.SAMPLES_FILE).read_text().splitlines()
-        return EvalRecord(self.manifest["upstream"]["policy"], self.metrics, [json.loads(x) for x in lines])
+        return EvalRecord(
+            self.manifest["upstream"]["policy"],
+            self.metrics,
+            read_jsonl(self.path / self.SAMPLES_FILE),
+            read_jsonl(self.path / self.GREEDY_FILE),
+        )
 
     @classmethod
-    def save(cls, folder: Path, samples: list[dict[str, Any]]) -> None:
-        with (folder / cls.SAMPLES_FILE).open("w") as handle:
-            handle.writelines(json.dumps(sample) + "\n" for sample in samples)
+    def save(cls, folder: Path, samples: list[dict[str, Any]], greedy: list[dict[str, Any]]) -> None:
+        write_jsonl(folder / cls.SAMPLES_FILE, samples)
+        write_jsonl(folder / cls.GREEDY_FILE, greedy)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with path.open("w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+
+
+@dataclass(frozen=True)
+class TrunkStates(Artifact):
+    """The hidden states entering the policy's first trained layer, one ``[p + sum_k c_k, H]`` tensor per
+    off-policy row (its prompt's tokens, then each completion's), in the dataset's row order."""
+
+    STATES_FILE: ClassVar[str] = "states.pt"
+
+    @property
+    def first_layer(self) -> int:
+        return self.metrics["first_layer"]
+
+    def rows(self) -> list[torch.Tensor]:
+        saved = torch.load(self.path / self.STATES_FILE, weights_only=True)
+        return list(saved["states"].split(saved["row_lengths"].tolist()))
+
+    @classmethod
+    def save(cls, folder: Path, rows: list[torch.Tensor]) -> dict[str, int]:
+        """Writes the rows as one tensor and their lengths; returns the bytes held in memory and on disk."""
+        states, lengths = torch.cat(rows), torch.tensor([len(row) for row in rows])
+        torch.save({"states": states, "row_lengths": lengths}, folder / cls.STATES_FILE)
+        return {
+            "memory_bytes": states.numel() * states.element_size(),
+            "disk_bytes": (folder / cls.STATES_FILE).stat().st_size,
+        }

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binomtest  # scipy comes with scikit-learn, a dependency
 
+from directalign.estimates import PairedDifference
 from directalign.validation import ConfigError, DataError
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
@@ -53,31 +54,22 @@ def verdict(mean: float, se: float, direction: int) -> str:
 
 
 def build_claim(
-    claim: str, paper: str, contrast: str, metric: str, direction: int, differences: Sequence[float]
+    claim: str, paper: str, contrast: str, metric: str, direction: int, difference: PairedDifference
 ) -> Claim:
-    """A claim tested by per-prompt paired ``differences`` of ``metric`` (first policy of ``contrast``
-    minus the second, on the same prompts); standard error with ddof=1, as in report.paired_difference."""
+    """A claim tested by the paired ``difference`` of ``metric`` (first policy of ``contrast`` minus the
+    second, on the same prompts, its standard error over prompts and training seeds)."""
     if direction not in (1, -1):
         raise ConfigError(f"claim {claim!r}: direction={direction!r} must be +1 or -1")
-    differences = np.asarray(differences, dtype=np.float64)
-    n_not_finite = int((~np.isfinite(differences)).sum())
-    if differences.ndim != 1 or differences.size < 2 or n_not_finite:
+    values = np.asarray(difference.differences, dtype=np.float64)
+    n_not_finite = int((~np.isfinite(values)).sum())
+    if values.size < 2 or n_not_finite or not math.isfinite(difference.se):
         raise DataError(
-            f"claim {claim!r}: {differences.size} paired differences of {metric}, {n_not_finite} not finite; "
+            f"claim {claim!r}: {values.size} paired differences of {metric}, {n_not_finite} not finite; "
             "needs at least 2, all finite"
         )
-    mean = float(differences.mean())
-    se = float(differences.std(ddof=1) / math.sqrt(differences.size))
+    mean, se = float(difference.mean), float(difference.se)
     return Claim(
-        claim,
-        paper,
-        contrast,
-        metric,
-        int(direction),
-        mean,
-        se,
-        differences.size,
-        verdict(mean, se, direction),
+        claim, paper, contrast, metric, int(direction), mean, se, values.size, verdict(mean, se, direction)
     )
 
 

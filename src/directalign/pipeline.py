@@ -12,8 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from directalign.distributed import is_rank_zero
 from directalign.report import PolicyResult, log_wandb, write_report
-from directalign.stages import ALIGN, EVALUATE, GENERATE, REWARD, SFT
+from directalign.stages import ALIGN, ALIGN_ON_TRUNK, EVALUATE, GENERATE, REWARD, SFT
 from directalign.stages.context import StageContext
+from directalign.stages.trunk import frozen_trunk
 from directalign.store import Store
 from directalign.tasks import build_task
 from directalign.training import share_sweep_dir_with_ranks, wandb_run_args
@@ -44,14 +45,18 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[dict] |
     if "align" not in stages:
         return None
     upstream = {"sft": sft, "reward": reward}
-    aligned = {
-        name: ALIGN.run(ctx.for_method(name, method), upstream | {"offpolicy": offpolicy})
+    # Where the policy trains only its top layers, every method starts from the same frozen trunk.
+    align_inputs = upstream | {"offpolicy": offpolicy} | frozen_trunk(ctx, sft, offpolicy)
+    align = ALIGN_ON_TRUNK if "trunk" in align_inputs else ALIGN
+    aligned = [
+        (name, align.run(ctx.for_method(name, method, seed), align_inputs))
         for name, method in methods_to_align(cfg).items()
-    }
+        for seed in method.seeds
+    ]
     if "evaluate" not in stages:
         return None
     results = [PolicyResult.of("sft", EVALUATE.run(ctx, upstream | {"policy": sft}).record())]
-    for name, policy in aligned.items():
+    for name, policy in aligned:
         evaluation = EVALUATE.run(ctx, upstream | {"policy": policy})
         results.append(PolicyResult.of(name, evaluation.record(), policy))
     if not is_rank_zero():
@@ -59,12 +64,21 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[dict] |
     eval_cfg = cfg.stage.evaluate
     prompts = ctx.prompts("eval", eval_cfg.n_prompts, sft.context_length, eval_cfg.prompt_offset)
     out = Path(cfg.paths.results_dir)
-    rows = write_report(results, prompts, out, cfg.seed, OmegaConf.to_container(cfg.contrasts))
+    rows = write_report(
+        results,
+        prompts,
+        out,
+        cfg.seed,
+        OmegaConf.to_container(cfg.contrasts),
+        OmegaConf.to_container(cfg.claims),
+        list(eval_cfg.best_of_n),
+    )
     log.info("results written to %s", out)
     if cfg.logger.wandb:
+        curves = [(f"{r.method} s{r.train_seed}" if r.train_seed else r.method, r.curve) for r in results]
         run_dir = log_wandb(
-            results,
             rows,
+            [(name, curve) for name, curve in curves if curve],
             out,
             mode="offline" if cfg.logger.wandb.offline else "online",
             dir=cfg.paths.output_dir,

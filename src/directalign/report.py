@@ -1,21 +1,29 @@
-"""Tables and plots of the results contract (summary.csv/.md and the three plots), paired differences
-between policies, the policy records a sweep report reads back, and the same as a wandb run."""
+"""The results of an evaluated run, written as the results contract: ``summary.csv``/``.md`` (one row per
+policy and per best-of-n size, means with standard errors over prompts), ``paired.csv``/``.md`` (paired
+differences against SFT and the configured contrasts), ``claims.json`` (the papers' claims with a
+verdict), the plots, ``samples.md``, ``policies.json`` (what a sweep report reads back) and a wandb run.
+
+Policies trained with several seeds share a name: a contrast or claim about a name pools its seeds
+(``estimates.py`` says how their standard errors combine).
+"""
 
 import csv
 import json
 import math
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 
 from directalign.artifacts import AlignedPolicy, EvalRecord
+from directalign.best_of_n import best_of_n
+from directalign.claims import Claim, build_claim, claims_table, win_tie_loss, write_claims
+from directalign.estimates import mean_and_se, paired_difference
+from directalign.plots import plot_against, plot_curves, scores_of
 from directalign.prompts import Prompts
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 # Every policy of a results folder as typed JSON (its summary row, curve and store artifact): what a
 # sweep report reads, so no number round-trips through CSV text.
@@ -33,13 +41,44 @@ SUMMARY_COLUMNS = (
     "win_rate_vs_sft",
     "n_prompts",
     "seed",
+    "proxy_se",
+    "gold_se",
+    "kl_se",
+    "temperature",
+    "n_samples",
+    "train_pairs",
+    "train_steps",
+    "length_se",
+    "eos_rate",
+    "train_seed",
+    "wins",
+    "ties",
+    "losses",
+    "sign_test_p",
 )
+GREEDY_COLUMNS = (
+    "method",
+    "beta",
+    "length_power",
+    "train_seed",
+    "proxy_reward",
+    "gold_reward",
+    "length_tokens",
+)
+PAIRED_COLUMNS = ("policy", "against", "metric", "mean", "se", "n")
+# Summary metric -> the per-sample field it averages.
+SAMPLE_FIELDS = {
+    "proxy_reward": "proxy_reward",
+    "gold_reward": "gold_reward",
+    "length_tokens": "length_tokens",
+    "kl_to_ref": "logratio",
+}
 
 
 @dataclass
 class PolicyResult:
-    """One evaluated policy: its name, method settings, evaluation metrics and per-prompt samples,
-    training curve, and the store artifact it came from (``<stage>/<key>``)."""
+    """One evaluated policy: its name, method settings and training seed, evaluation metrics, samples and
+    greedy outputs, training curve and size, and the store artifact it came from (``<stage>/<key>``)."""
 
     method: str
     beta: float | None
@@ -48,103 +87,153 @@ class PolicyResult:
     samples: list[dict[str, Any]]
     curve: list[dict[str, Any]] = field(default_factory=list)
     policy: str = ""
+    train_seed: int | None = None
+    train_pairs: int | None = None
+    train_steps: int | None = None
+    greedy: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def of(cls, name: str, evaluation: EvalRecord, aligned: AlignedPolicy | None = None) -> "PolicyResult":
         """The SFT baseline (no ``aligned``) or an aligned policy, its settings read from its manifest."""
-        if aligned is None:
-            return cls(name, None, None, evaluation.metrics, evaluation.samples, policy=evaluation.policy)
-        method = aligned.method
-        return cls(
-            name,
-            method["beta"],
-            method["length_power"],
-            evaluation.metrics,
-            evaluation.samples,
-            aligned.curve(),
-            evaluation.policy,
-        )
+        result = cls(name, None, None, evaluation.metrics, evaluation.samples, policy=evaluation.policy)
+        result.greedy = evaluation.greedy
+        if aligned is not None:
+            method = aligned.method
+            result.beta, result.length_power = method["beta"], method["length_power"]
+            result.train_seed = method.get("seed", 0)
+            result.curve = aligned.curve()
+            result.train_pairs = aligned.metrics.get("train_pairs", aligned.metrics.get("n_pairs"))
+            result.train_steps = aligned.metrics.get("train_steps", aligned.metrics.get("steps"))
+        return result
 
     @property
-    def label(self) -> str:
-        return self.method if self.beta is None else f"{self.method} b={self.beta:g} a={self.length_power:g}"
+    def own_samples(self) -> list[dict[str, Any]]:
+        """The samples this policy drew as every policy does (the SFT baseline draws more for best-of-n)."""
+        n = self.metrics.get("n_samples")
+        return [s for s in self.samples if n is None or s.get("sample", 0) < n]
 
 
-def win_rate(policy: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> float:
-    """Fraction of prompts where the policy's sample beats the baseline's (ties count half).
+def judge_key(results: list[PolicyResult]) -> str:
+    """Wins are judged by the gold judge where the task has one, else by the proxy reward model."""
+    return "gold_reward" if results[0].metrics["gold_reward"] is not None else "proxy_reward"
 
-    Judged by the gold judge where the task has one, else by the proxy reward model.
-    """
-    key = "gold_reward" if policy and policy[0]["gold_reward"] is not None else "proxy_reward"
-    base = {s["id"]: s[key] for s in baseline}
-    scores = [
-        1.0 if s[key] > base[s["id"]] else 0.5 if s[key] == base[s["id"]] else 0.0
-        for s in policy
-        if s["id"] in base
+
+def matched(policy: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """Samples of two policies drawn with the same random numbers: same prompt, same sample number."""
+    base = {(s["id"], s.get("sample", 0)): s for s in baseline}
+    return [(s, base[key]) for s in policy if (key := (s["id"], s.get("sample", 0))) in base]
+
+
+def summary_row(result: PolicyResult, baseline: PolicyResult, key: str, seed: int) -> dict[str, Any]:
+    m = result.metrics
+    row = {column: m.get(column) for column in SUMMARY_COLUMNS} | {
+        "method": result.method,
+        "beta": result.beta,
+        "length_power": result.length_power,
+        "seed": seed,
+        "train_seed": result.train_seed,
+        "train_pairs": result.train_pairs,
+        "train_steps": result.train_steps,
+    }
+    pairs = matched(result.own_samples, baseline.own_samples)
+    if result is not baseline and pairs:
+        outcome = win_tie_loss(
+            [a["completion"] for a, _ in pairs],
+            [b["completion"] for _, b in pairs],
+            [a[key] for a, _ in pairs],
+            [b[key] for _, b in pairs],
+        )
+        row |= {
+            "win_rate_vs_sft": (outcome.wins + 0.5 * outcome.ties) / len(pairs),
+            "wins": outcome.wins,
+            "ties": outcome.ties,
+            "losses": outcome.losses,
+            "sign_test_p": outcome.p_value,
+        }
+    return row
+
+
+def best_of_rows(baseline: PolicyResult, sizes: Sequence[int], seed: int) -> list[dict[str, Any]]:
+    """Best-of-n over the SFT baseline's samples, picked by the proxy reward, with its exact KL."""
+    if not sizes:
+        return []
+    prompts = sorted({s["id"] for s in baseline.samples})
+    by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for sample in sorted(baseline.samples, key=lambda s: s["sample"]):
+        by_prompt[sample["id"]].append(sample)
+    fields = [
+        f for f in ("proxy_reward", "gold_reward", "length_tokens") if baseline.samples[0][f] is not None
     ]
-    return sum(scores) / len(scores) if scores else math.nan
-
-
-def paired_difference(
-    policy: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str
-) -> tuple[float, float]:
-    """Mean and standard error over the shared prompts of ``policy[key] - baseline[key]``: both
-    policies answer the same prompts, so pairing removes the prompts' own spread."""
-    base = {s["id"]: s[key] for s in baseline}
-    diffs = np.asarray([s[key] - base[s["id"]] for s in policy if s["id"] in base], dtype=float)
-    if diffs.size < 2:
-        return math.nan, math.nan
-    return float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(diffs.size))
-
-
-def write_paired(results: list[PolicyResult], contrasts: list[list[str]], out: Path) -> None:
-    """``paired.md``: every policy against SFT, then each configured contrast ``[a, b]`` (a minus b),
-    as mean ± standard error over prompts, with the number of prompts whose outputs differ."""
-    by_name = {r.method: r for r in results}
-    pairs = [(r.method, results[0].method) for r in results[1:]]
-    for a, b in contrasts:
-        pairs.append((a, b))  # validate_config checked that both were evaluated
-    keys = [key for key, _ in _scores(results)] + ["length_tokens"]
-    header = ["policy", *(f"{key} difference" for key in keys), "outputs that differ"]
-    lines = [
-        "# Paired differences (mean ± standard error over the same prompts)",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    for a, b in pairs:
-        cells = [f"{a} - {b}"]
-        for key in keys:
-            mean, error = paired_difference(by_name[a].samples, by_name[b].samples, key)
-            cells.append(f"{mean:+.4f} ± {error:.4f}")
-        other = {s["id"]: s["completion"] for s in by_name[b].samples}
-        changed = sum(s["completion"] != other.get(s["id"]) for s in by_name[a].samples)
-        cells.append(f"{changed}/{len(by_name[a].samples)}")
-        lines.append("| " + " | ".join(cells) + " |")
-    (out / "paired.md").write_text("\n".join(lines) + "\n")
-
-
-def summary_rows(results: list[PolicyResult], seed: int) -> list[dict[str, Any]]:
-    """One row per policy in SUMMARY_COLUMNS; None where a value does not apply (written empty)."""
-    baseline = results[0].samples
+    table = {f: np.asarray([[s[f] for s in by_prompt[p]] for p in prompts], dtype=float) for f in fields}
     rows = []
-    for result in results:
-        m = result.metrics
+    for pick in best_of_n(table["proxy_reward"], table, list(sizes)):
+        means = {f: mean_and_se(pick.picked[f]) for f in fields}
         rows.append(
-            {
-                "method": result.method,
-                "beta": result.beta,
-                "length_power": result.length_power,
-                "proxy_reward": m["proxy_reward"],
-                "gold_reward": m["gold_reward"],
-                "length_tokens": m["length_tokens"],
-                "kl_to_ref": m["kl_to_ref"],
-                "win_rate_vs_sft": win_rate(result.samples, baseline),
-                "n_prompts": m["n_prompts"],
+            {column: None for column in SUMMARY_COLUMNS}
+            | {
+                "method": f"best_of_{pick.n}",
+                "proxy_reward": means["proxy_reward"][0],
+                "proxy_se": means["proxy_reward"][1],
+                "gold_reward": means["gold_reward"][0] if "gold_reward" in means else None,
+                "gold_se": means["gold_reward"][1] if "gold_reward" in means else None,
+                "length_tokens": means["length_tokens"][0],
+                "length_se": means["length_tokens"][1],
+                "kl_to_ref": pick.kl,
+                "kl_se": 0.0,
+                "n_prompts": len(prompts),
+                "n_samples": pick.n,
+                "temperature": baseline.metrics.get("temperature"),
                 "seed": seed,
             }
         )
     return rows
+
+
+def groups_of(results: list[PolicyResult]) -> dict[str, list[PolicyResult]]:
+    """Policies by name: one per training seed."""
+    groups: dict[str, list[PolicyResult]] = defaultdict(list)
+    for result in results:
+        groups[result.method].append(result)
+    return dict(groups)
+
+
+def paired_rows(results: list[PolicyResult], contrasts: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+    """Every policy against SFT, then each contrast ``[a, b]`` (a minus b), for every summary metric."""
+    groups = groups_of(results)
+    baseline = results[0].method
+    pairs = [(name, baseline) for name in groups if name != baseline] + [tuple(c) for c in contrasts]
+    metrics = [m for m in SAMPLE_FIELDS if results[0].samples[0][SAMPLE_FIELDS[m]] is not None]
+    rows = []
+    for a, b in dict.fromkeys(pairs):
+        for metric in metrics:
+            field_name = SAMPLE_FIELDS[metric]
+            difference = paired_difference(
+                [r.own_samples for r in groups[a]], [r.own_samples for r in groups[b]], field_name
+            )
+            rows.append(
+                {"policy": a, "against": b, "metric": metric}
+                | {"mean": difference.mean, "se": difference.se, "n": difference.n}
+            )
+    return rows
+
+
+def claim_records(results: list[PolicyResult], claims: Sequence[dict[str, Any]]) -> list[Claim]:
+    """Each configured claim tested on its contrast's paired difference."""
+    groups = groups_of(results)
+    records = []
+    for claim in claims:
+        a, b = claim["contrast"]
+        difference = paired_difference(
+            [r.own_samples for r in groups[a]],
+            [r.own_samples for r in groups[b]],
+            SAMPLE_FIELDS[claim["metric"]],
+        )
+        records.append(
+            build_claim(
+                claim["claim"], claim["paper"], f"{a} - {b}", claim["metric"], claim["direction"], difference
+            )
+        )
+    return records
 
 
 def format_cell(value: Any) -> str:
@@ -154,74 +243,24 @@ def format_cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
-def save_figure(fig: plt.Figure, title: str, path: Path) -> None:
-    """Title, lay out, write at a fixed resolution and free the figure (plots run in long sweeps)."""
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
-    with (out / "summary.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
+def write_table(rows: list[dict[str, Any]], columns: Sequence[str], csv_path: Path, title: str = "") -> None:
+    """``rows`` as CSV and as a markdown table beside it (same stem, ``.md``)."""
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(format_cell(row[c]) for c in SUMMARY_COLUMNS) + " |" for row in rows]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-
-
-def _scores(results: list[PolicyResult]) -> list[tuple[str, str]]:
-    has_gold = results[0].metrics["gold_reward"] is not None
-    return [("proxy_reward", "proxy reward (learned RM)")] + (
-        [("gold_reward", "gold reward")] if has_gold else []
-    )
-
-
-def _scatter(results: list[PolicyResult], x_key: str, x_label: str, path: Path, title: str) -> None:
-    scores = _scores(results)
-    fig, axes = plt.subplots(1, len(scores), figsize=(6 * len(scores), 4.5), squeeze=False)
-    for ax, (key, label) in zip(axes[0], scores, strict=True):
-        for result in results:
-            ax.scatter(result.metrics[x_key], result.metrics[key], s=40)
-            ax.annotate(
-                result.label,
-                (result.metrics[x_key], result.metrics[key]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    save_figure(fig, title, path)
-
-
-def plot_curves(results: list[PolicyResult], path: Path) -> None:
-    curved = [r for r in results if r.curve]
-    scores = [(k, label) for k, label in _scores(results)]
-    fig, axes = plt.subplots(1, len(scores), figsize=(6 * len(scores), 4.5), squeeze=False)
-    for ax, (key, label) in zip(axes[0], scores, strict=True):
-        for result in curved:
-            ax.plot(
-                [p["step"] for p in result.curve],
-                [p[key] for p in result.curve],
-                marker="o",
-                ms=3,
-                label=result.label,
-            )
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    save_figure(fig, "Reward of greedy samples on held-out prompts during alignment", path)
+    lines = ([f"# {title}", ""] if title else []) + [
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    csv_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def write_samples(results: list[PolicyResult], prompts: Prompts, out: Path, n: int) -> None:
-    """A few held-out sources with the human reference and every policy's output, to judge by eye."""
-    by_policy = [{s["id"]: s for s in r.samples} for r in results]
-    lines = ["# Samples on held-out prompts", ""]
+    """A few held-out sources with the human reference and every policy's first sample, to judge by eye."""
+    by_policy = [{s["id"]: s for s in r.samples if s.get("sample", 0) == 0} for r in results]
+    lines = ["# Samples on held-out prompts (each policy's first temperature-1 sample)", ""]
     for i in range(min(n, len(prompts))):
         sample_id = prompts.example_ids[i]
         lines += [
@@ -235,9 +274,21 @@ def write_samples(results: list[PolicyResult], prompts: Prompts, out: Path, n: i
             if sample_id in samples:
                 s = samples[sample_id]
                 gold = "" if s["gold_reward"] is None else f", gold {s['gold_reward']:.3f}"
-                lines.append(f"- **{result.label}** (proxy {s['proxy_reward']:.3f}{gold}): {s['completion']}")
+                seed = f" s{result.train_seed}" if result.train_seed else ""
+                lines.append(
+                    f"- **{result.method}{seed}** (proxy {s['proxy_reward']:.3f}{gold}): {s['completion']}"
+                )
         lines.append("")
     (out / "samples.md").write_text("\n".join(lines))
+
+
+def greedy_rows(results: list[PolicyResult]) -> list[dict[str, Any]]:
+    return [
+        {"method": r.method, "beta": r.beta, "length_power": r.length_power, "train_seed": r.train_seed}
+        | {k: r.metrics["greedy"][k] for k in ("proxy_reward", "gold_reward", "length_tokens")}
+        for r in results
+        if r.metrics.get("greedy")
+    ]
 
 
 def write_report(
@@ -245,45 +296,64 @@ def write_report(
     prompts: Prompts,
     out: Path,
     seed: int,
-    contrasts: list[list[str]] = (),
-    n_samples: int = 8,
+    contrasts: Sequence[Sequence[str]] = (),
+    claims: Sequence[dict[str, Any]] = (),
+    best_of: Sequence[int] = (),
+    n_shown: int = 8,
 ) -> list[dict[str, Any]]:
-    """Write every file of the results contract into ``out``; the first result is the SFT baseline."""
+    """Write every file of the results contract into ``out``; the first result is the SFT baseline.
+    Returns the summary rows (policies, then best-of-n)."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = summary_rows(results, seed)
-    write_tables(rows, out)
-    write_paired(results, list(contrasts), out)
-    _scatter(
-        results,
+    key = judge_key(results)
+    rows = [summary_row(r, results[0], key, seed) for r in results]
+    frontier = best_of_rows(results[0], best_of, seed)
+    write_table(rows + frontier, SUMMARY_COLUMNS, out / "summary.csv")
+    paired = paired_rows(results, contrasts)
+    write_table(paired, PAIRED_COLUMNS, out / "paired.csv", "Paired differences (mean ± SE over prompts)")
+    if claims:
+        records = claim_records(results, claims)
+        write_claims(records, out / "claims.json")
+        (out / "claims.md").write_text(claims_table(records))
+    if greedy := greedy_rows(results):
+        write_table(greedy, GREEDY_COLUMNS, out / "summary_greedy.csv", "Greedy outputs (secondary)")
+    plot_against(
+        rows,
         "length_tokens",
+        "length_se",
         "mean length of samples (tokens)",
-        out / "length_vs_score.png",
+        out / PLOTS[0],
         "Length versus score",
     )
-    _scatter(
-        results,
+    plot_against(
+        rows + frontier,
         "kl_to_ref",
-        "KL to SFT (mean summed log-ratio on samples)",
-        out / "reward_vs_kl.png",
-        "Reward versus KL",
+        "kl_se",
+        "KL(policy || SFT), nats",
+        out / PLOTS[1],
+        "Reward versus KL (best-of-n over SFT samples: the frontier)",
     )
-    if any(r.curve for r in results):
-        plot_curves(results, out / "reward_vs_step.png")
-    write_policies(results, rows, out)
-    write_samples(results, prompts, out, n_samples)
-    return rows
+    curves = [
+        (f"{r.method} s{r.train_seed}" if r.train_seed else r.method, r.curve) for r in results if r.curve
+    ]
+    if curves:
+        plot_curves(curves, key == "gold_reward", out / PLOTS[2])
+    write_policies(results, rows, frontier, out)
+    write_samples(results, prompts, out, n_shown)
+    return rows + frontier
 
 
-def write_policies(results: list[PolicyResult], rows: list[dict[str, Any]], out: Path) -> None:
+def write_policies(
+    results: list[PolicyResult], rows: list[dict[str, Any]], frontier: list[dict[str, Any]], out: Path
+) -> None:
     """Each policy's summary row with its curve and store artifact, for the sweep report to read back."""
     records = [
-        row | {"curve": result.curve, "policy": result.policy}
-        for result, row in zip(results, rows, strict=True)
-    ]
+        row | {"kind": "baseline" if r.beta is None else "aligned", "curve": r.curve, "policy": r.policy}
+        for r, row in zip(results, rows, strict=True)
+    ] + [row | {"kind": "best_of_n", "curve": [], "policy": results[0].policy} for row in frontier]
     (out / POLICIES_FILE).write_text(json.dumps(records, indent=2))
 
 
-def log_wandb(results: list[PolicyResult], rows: list[dict[str, Any]], out: Path, **init: Any) -> Path:
+def log_wandb(rows: list[dict[str, Any]], curves: list[tuple[str, list]], out: Path, **init: Any) -> Path:
     """One wandb run with the evaluation as tables, native scatter and line plots, and the PNGs.
 
     Native plots (not only images) let a project dashboard put every run of a sweep on one chart.
@@ -291,13 +361,12 @@ def log_wandb(results: list[PolicyResult], rows: list[dict[str, Any]], out: Path
     """
     import wandb  # here, so that runs without wandb logging never import it
 
-    scores = [key for key, _ in _scores(results)]
-    cells = [[row[c] for c in SUMMARY_COLUMNS] for row in rows]
-    summary = wandb.Table(columns=list(SUMMARY_COLUMNS), data=cells)
+    scores = [key for key, _, _ in scores_of(rows)]
+    summary = wandb.Table(
+        columns=list(SUMMARY_COLUMNS), data=[[row[c] for c in SUMMARY_COLUMNS] for row in rows]
+    )
     points = [
-        [r.label, p["step"], *(p[key] for key in scores), p["length_tokens"]]
-        for r in results
-        for p in r.curve
+        [name, p["step"], *(p[key] for key in scores), p["length_tokens"]] for name, c in curves for p in c
     ]
     curve = wandb.Table(columns=["policy", "step", *scores, "length_tokens"], data=points)
     logged: dict[str, Any] = {"eval/summary": summary, "eval/reward_vs_step_table": curve}
@@ -315,10 +384,11 @@ def log_wandb(results: list[PolicyResult], rows: list[dict[str, Any]], out: Path
             logged[f"plots/{Path(name).stem}"] = wandb.Image(str(out / name))
     # Per policy, and once more without the name when a single method was aligned (a sweep job),
     # so every run of a sweep has the same keys for the dashboard to compare across runs.
-    prefixes = [[f"eval/{row['method']}"] for row in rows]
-    if len(rows) == 2:
+    policies = [row for row in rows if not row["method"].startswith("best_of_")]
+    prefixes = [[f"eval/{row['method']}"] for row in policies]
+    if len(policies) == 2:
         prefixes[1].append("eval")
-    for row, names in zip(rows, prefixes, strict=True):
+    for row, names in zip(policies, prefixes, strict=True):
         for column in METRIC_COLUMNS:
             if row[column] is not None:
                 logged |= {f"{name}/{column}": row[column] for name in names}

@@ -1,6 +1,7 @@
 """Score completions with the learned reward model (the proxy) and the task's gold judge."""
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,22 +54,30 @@ def encode_pairs(
     )
 
 
-class Scorer:
-    """The proxy reward model of a completed reward stage, plus the task's gold judge if any."""
+class Scores(NamedTuple):
+    """Calibrated proxy rewards, gold scores (None without a gold judge) and the uncalibrated proxy."""
 
-    def __init__(self, reward_dir: Path, max_length: int, gold: GoldJudge | None):
+    proxy: np.ndarray
+    gold: np.ndarray | None
+    raw_proxy: np.ndarray
+
+
+class Scorer:
+    """The proxy reward model of a completed reward stage, its scores multiplied by a calibration
+    ``scale``, plus the task's gold judge if any."""
+
+    def __init__(self, reward_dir: Path, max_length: int, gold: GoldJudge | None, scale: float = 1.0):
         self.tokenizer = AutoTokenizer.from_pretrained(reward_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
         self.max_length = max_length
         self.gold = gold
+        self.scale = scale
 
     def to(self, device: torch.device) -> "Scorer":
         self.model.to(device)
         return self
 
-    def __call__(
-        self, sources: list[str], references: list[str], completions: list[str]
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        proxy = reward_scores(self.model, self.tokenizer, sources, completions, self.max_length)
+    def __call__(self, sources: list[str], references: list[str], completions: list[str]) -> Scores:
+        raw = reward_scores(self.model, self.tokenizer, sources, completions, self.max_length)
         gold = self.gold.score(sources, references, completions) if self.gold else None
-        return proxy, gold
+        return Scores(self.scale * raw, gold, raw)

@@ -15,15 +15,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from directalign.distributed import is_rank_zero
-from directalign.report import POLICIES_FILE, SUMMARY_COLUMNS, format_cell, save_figure
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from directalign.plots import plt, save_figure
+from directalign.report import POLICIES_FILE, SUMMARY_COLUMNS, format_cell
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +41,10 @@ def collect_jobs(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, 
         if REPORT_DIR in records.relative_to(sweep_dir).parts:
             continue
         for record in json.loads(records.read_text()):
-            if record["beta"] is None:
-                if record["policy"] not in [b["policy"] for b in baselines]:
-                    baselines.append(record)
-                continue
-            rows.append(record | {"job": records.parent.relative_to(sweep_dir).as_posix()})
+            if record["kind"] == "baseline" and record["policy"] not in [b["policy"] for b in baselines]:
+                baselines.append(record)
+            if record["kind"] == "aligned":
+                rows.append(record | {"job": records.parent.relative_to(sweep_dir).as_posix()})
     rows.sort(key=lambda r: (r["method"], r["length_power"], r["beta"]))
     return rows, baselines
 

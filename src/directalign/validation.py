@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 STAGE_ORDER = ("sft", "reward", "generate", "align", "evaluate")
 TRAINING_STAGES = ("sft", "reward", "align")
 GENERATION_BACKENDS = ("hf", "vllm")
+REWARD_SOURCES = ("proxy", "gold")
 # Chat template, system prompt and instruction around the source: a generous bound, checked exactly
 # per prompt once the tokenizer has built them (check_prompt_lengths).
 TEMPLATE_TOKENS = 64
@@ -65,6 +66,11 @@ def _check_method(where: str, method: DictConfig) -> None:
         raise ConfigError(f"{where}.loss={method.loss!r} is not one of {', '.join(LOSS_NAMES)}")
     _positive(f"{where}.beta", method.beta)
     _in_range(f"{where}.length_power", method.length_power, 0.0, 1.0)
+    seeds = method.seeds
+    if not OmegaConf.is_list(seeds) or not seeds or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"{where}.seeds={seeds} must be a non-empty list of distinct training seeds")
+    for i, seed in enumerate(seeds):
+        _count(f"{where}.seeds[{i}]", seed, minimum=0)
 
 
 def _installed_file(where: str, package: str, file: str) -> None:
@@ -137,11 +143,29 @@ def _check_lengths(cfg: DictConfig) -> None:
         )
 
 
+CLAIM_KEYS = ("claim", "paper", "contrast", "metric", "direction")
+CLAIM_METRICS = ("proxy_reward", "gold_reward", "length_tokens", "kl_to_ref")
+
+
 def _check_contrasts(cfg: DictConfig) -> None:
     names = ["sft", *methods_to_align(cfg)]
     for i, contrast in enumerate(cfg.contrasts):
         if len(contrast) != 2 or any(name not in names for name in contrast):
             raise ConfigError(f"contrasts[{i}]={list(contrast)} must name two evaluated policies of {names}")
+    for i, claim in enumerate(cfg.claims):
+        where = f"claims[{i}]"
+        if sorted(claim) != sorted(CLAIM_KEYS):
+            raise ConfigError(f"{where} has keys {sorted(claim)}; a claim has exactly {list(CLAIM_KEYS)}")
+        if len(claim.contrast) != 2 or any(name not in names for name in claim.contrast):
+            raise ConfigError(
+                f"{where}.contrast={list(claim.contrast)} must name two evaluated policies of {names}"
+            )
+        if claim.metric not in CLAIM_METRICS:
+            raise ConfigError(f"{where}.metric={claim.metric!r} must be one of {list(CLAIM_METRICS)}")
+        if claim.metric == "gold_reward" and cfg.task.get("gold") is None:
+            raise ConfigError(f"{where}.metric='gold_reward' needs a task with a gold judge")
+        if claim.direction not in (1, -1):
+            raise ConfigError(f"{where}.direction={claim.direction!r} must be +1 or -1")
 
 
 def _check_sampling(cfg: DictConfig) -> None:
@@ -165,6 +189,20 @@ def _check_sampling(cfg: DictConfig) -> None:
         ("stage.evaluate.top_p", cfg.stage.evaluate.top_p),
     ]:
         _in_range(where, value, 0.0, 1.0, open_low=True)
+    if generate.reward_source not in REWARD_SOURCES:
+        raise ConfigError(
+            f"stage.generate.reward_source={generate.reward_source!r} must be one of {list(REWARD_SOURCES)}"
+        )
+    if generate.reward_source == "gold" and cfg.task.get("gold") is None:
+        raise ConfigError(
+            "stage.generate.reward_source='gold' needs a task with a gold judge;"
+            f" task {cfg.task.name!r} has none"
+        )
+    evaluate = cfg.stage.evaluate
+    _count("stage.evaluate.n_samples", evaluate.n_samples)
+    _count("stage.evaluate.greedy_prompts", evaluate.greedy_prompts, minimum=0)
+    for i, n in enumerate(evaluate.best_of_n):
+        _count(f"stage.evaluate.best_of_n[{i}]", n)
     if generate.backend not in GENERATION_BACKENDS:
         raise ConfigError(
             f"stage.generate.backend={generate.backend!r} must be one of {list(GENERATION_BACKENDS)}"
@@ -192,6 +230,7 @@ def _check_stages(cfg: DictConfig) -> None:
     _count("stage.generate.max_prompts", stage.generate.max_prompts, optional=True)
     _count("stage.align.curve_every_n_steps", stage.align.curve_every_n_steps)
     _count("stage.align.curve_prompts", stage.align.curve_prompts)
+    _count("stage.align.prompts_per_batch", stage.align.prompts_per_batch)
     _count("stage.evaluate.n_prompts", stage.evaluate.n_prompts)
     _count("stage.evaluate.prompt_offset", stage.evaluate.prompt_offset, minimum=0)
     for name in ("reward.sampling", "generate", "evaluate"):

@@ -1,8 +1,11 @@
 """Alignment on the off-policy dataset with one loss of ``losses.py``.
 
 Reference log-probs were stored per token by the generate stage, so no reference model runs
-here. Each batch holds pairs ``(a, b)`` with ``reward_a >= reward_b``; a is the "chosen" one.
-With ``share_prompt`` each prompt runs once for both completions of its pair (``prefix.py``).
+here. Each batch (``pairs.py``) holds completions as rows and pairs ``(a, b)`` of them as row indices,
+with ``reward_a >= reward_b``; a is the "chosen" one. Every row's log-ratio is computed once, however
+many pairs it is in, and the loss is the mean over the batch's pairs. With ``share_prompt`` each
+distinct prompt runs once for all the completions behind it (``prefix.py``); with the frozen trunk's
+states in the batch, only the trained top layers run (``trunk.py``).
 """
 
 import torch
@@ -12,6 +15,7 @@ from directalign.lit.base import TrainModule
 from directalign.logprobs import completion_logps
 from directalign.losses import PAIRWISE_PREFERENCE_LOSSES, copg_loss, sequence_logratio
 from directalign.prefix import shared_prompt_completion_logps
+from directalign.trunk import TopLayers
 
 
 def pair_losses(
@@ -28,24 +32,47 @@ def pair_losses(
 
 
 class AlignModule(TrainModule):
-    def __init__(self, model: torch.nn.Module, stage_cfg: DictConfig, method: DictConfig):
+    """``first_layer``: batches carry the frozen trunk's ``input_states`` and only layers
+    ``first_layer`` and up run (``trunk.py``), sharing each prompt."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        stage_cfg: DictConfig,
+        method: DictConfig,
+        first_layer: int | None = None,
+    ):
         super().__init__(model, stage_cfg)
         self.method = method
-        self.completion_logps = shared_prompt_completion_logps if stage_cfg.share_prompt else completion_logps
+        self.first_layer = first_layer
+
+    def policy_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token log-probs ``[R, C]`` of every row's completion under the policy."""
+        rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"].shape[1])
+        if self.first_layer is not None:
+            top_layers = TopLayers(self.model, self.first_layer)
+            return shared_prompt_completion_logps(
+                top_layers, *rows, batch["prompt_index"], batch["input_states"]
+            )
+        if self.stage_cfg.share_prompt:
+            return shared_prompt_completion_logps(self.model, *rows, batch["prompt_index"])
+        return completion_logps(self.model, *rows)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         mask = batch["completion_mask"]
-        policy_logps = self.completion_logps(
-            self.model, batch["input_ids"], batch["attention_mask"], mask.shape[1]
+        logratio = sequence_logratio(
+            self.policy_logps(batch), batch["ref_logps"], mask, self.method.length_power
         )
-        logratio = sequence_logratio(policy_logps, batch["ref_logps"], mask, self.method.length_power)
-        logratio_a, logratio_b = logratio.chunk(2)
-        reward_a, reward_b = batch["reward_a"], batch["reward_b"]
+        a, b = batch["pair_a"], batch["pair_b"]
+        logratio_a, logratio_b = logratio[a], logratio[b]
+        reward_a, reward_b = batch["reward"][a], batch["reward"][b]
         loss = pair_losses(self.method, logratio_a, logratio_b, reward_a, reward_b).mean()
-        self._log_step(loss, logratio_a, logratio_b, reward_a, reward_b, mask)
+        lengths = mask.float().sum(-1)
+        self._log_step(loss, logratio_a, logratio_b, reward_a, reward_b, torch.cat([lengths[a], lengths[b]]))
         return loss
 
-    def _log_step(self, loss, logratio_a, logratio_b, reward_a, reward_b, mask) -> None:
+    def _log_step(self, loss, logratio_a, logratio_b, reward_a, reward_b, pair_lengths) -> None:
+        """Means over the batch's pairs; ``completion_length`` over both completions of every pair."""
         beta, size = self.method.beta, logratio_a.shape[0]
         metrics = {
             "train/loss": loss.detach(),
@@ -53,7 +80,7 @@ class AlignModule(TrainModule):
             "logratio/b": logratio_b.mean(),
             "implicit_reward/margin": (beta * (logratio_a - logratio_b)).mean(),
             "implicit_reward/accuracy": (logratio_a > logratio_b).float().mean(),
-            "completion_length": mask.float().sum(-1).mean(),
+            "completion_length": pair_lengths.mean(),
         }
         if self.method.loss == "copg":
             metrics["reward_beta/a"] = (reward_a - beta * logratio_a).mean()

@@ -58,7 +58,7 @@ class RewardCurve(Callback):
         module.model.train()
         completions = [s[0] for s in samples]
         texts = decode_completions(self.tokenizer, completions)
-        proxy, gold = self.scorer.to(module.device)(self.prompts.sources, self.prompts.references, texts)
+        proxy, gold, _ = self.scorer.to(module.device)(self.prompts.sources, self.prompts.references, texts)
         point = {
             "step": trainer.global_step,
             "proxy_reward": float(np.mean(proxy)),

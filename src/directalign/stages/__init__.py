@@ -1,9 +1,11 @@
-"""The five pipeline stages, each declared once as a ``Stage`` (``stages/base.py``)."""
+"""The pipeline stages, each declared once as a ``Stage`` (``stages/base.py``): the five of the
+pipeline, and the frozen trunk's states that alignment on the top layers only starts from."""
 
-from directalign.stages.align import ALIGN
+from directalign.stages.align import ALIGN, ALIGN_ON_TRUNK
 from directalign.stages.evaluate import EVALUATE
 from directalign.stages.generate import GENERATE
 from directalign.stages.reward import REWARD
 from directalign.stages.sft import SFT
+from directalign.stages.trunk import TRUNK
 
-__all__ = ["ALIGN", "EVALUATE", "GENERATE", "REWARD", "SFT"]
+__all__ = ["ALIGN", "ALIGN_ON_TRUNK", "EVALUATE", "GENERATE", "REWARD", "SFT", "TRUNK"]

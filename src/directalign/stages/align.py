@@ -1,6 +1,8 @@
 """Stage 4: align one method (loss, beta, length_power) on the off-policy dataset. A fixed set of
-held-out prompts is sampled and scored every few steps (the reward-vs-step curve)."""
+held-out prompts is sampled and scored every few steps (the reward-vs-step curve). With a ``trunk``
+input (``stages/trunk.py``) the align step runs only the trained top layers, on stored states."""
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -11,27 +13,48 @@ from directalign.errors import DataError
 from directalign.lit.align import AlignModule
 from directalign.lit.callbacks import RewardCurve
 from directalign.models import with_lora
-from directalign.pairs import build_pairs, collate_pairs
+from directalign.pairs import (
+    attach_trunk_states,
+    build_pairs,
+    build_prompt_groups,
+    collate_pairs,
+    collate_prompt_groups,
+)
 from directalign.stages.base import Stage
 from directalign.stages.context import StageContext
 from directalign.store import Ranks
 from directalign.training import CHECKPOINT_DIR, fit_stage
 
+# Training seed s of a method seeds its shuffle, LoRA init and dropout with seed + 3 + s * stride, far
+# from the other stages' offsets (seed 0 keeps seed + 3).
+TRAIN_SEED_STRIDE = 1000
+
 
 def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     cfg, stage_cfg, method = ctx.cfg, ctx.cfg.stage.align, ctx.cfg.method
-    sft, reward, offpolicy = inputs["sft"], inputs["reward"], inputs["offpolicy"]
-    ctx.seed(3)
-    pairs, n_ties = build_pairs(offpolicy.dataset(), drop_ties=method.loss != "copg")
-    if not pairs:
+    sft, reward, offpolicy, trunk = inputs["sft"], inputs["reward"], inputs["offpolicy"], inputs.get("trunk")
+    ctx.seed(3 + TRAIN_SEED_STRIDE * method.seed)
+    drop_ties = method.loss != "copg"
+    if stage_cfg.group_by_prompt:
+        # Whole prompts a batch: each completion runs once, however many pairs it is in.
+        items, n_ties = build_prompt_groups(offpolicy.dataset(), drop_ties)
+        n_pairs = sum(len(group["pairs"]) for group in items)
+        batch_size, collate = stage_cfg.prompts_per_batch, collate_prompt_groups
+        if trunk is not None:
+            attach_trunk_states(items, trunk.rows())
+    else:
+        items, n_ties = build_pairs(offpolicy.dataset(), drop_ties)
+        n_pairs, batch_size, collate = len(items), stage_cfg.batch_size, collate_pairs
+    if not n_pairs:
         raise DataError(
             f"align {method.name}: the off-policy dataset {offpolicy.path} yields no usable pairs"
         )
+    # A plain batch_size (not a batch sampler): ExactResume skips a resumed epoch's trained batches.
     loader = DataLoader(
-        pairs,
-        batch_size=stage_cfg.batch_size,
+        items,
+        batch_size=batch_size,
         shuffle=True,
-        collate_fn=partial(collate_pairs, pad_id=ctx.tokenizer.pad_token_id),
+        collate_fn=partial(collate, pad_id=ctx.tokenizer.pad_token_id),
     )
     curve = RewardCurve(
         ctx.tokenizer,
@@ -50,7 +73,7 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
         cfg,
         stage_cfg,
         folder,
-        AlignModule(build(), stage_cfg, method),
+        AlignModule(build(), stage_cfg, method, None if trunk is None else trunk.first_layer),
         build,
         f"align-{method.name}-b{method.beta}",
         tags,
@@ -61,10 +84,11 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
         AlignedPolicy.save(folder, model, ctx.tokenizer)
         AlignedPolicy.save_curve(folder, curve.points)
     return {
-        "n_pairs": len(pairs),
+        "train_pairs": n_pairs,
         "n_ties": n_ties,
         "final_loss": float(trainer.callback_metrics["train/loss"]),
-        "steps": trainer.global_step,
+        "train_steps": trainer.global_step,
+        "trunk_layer": None if trunk is None else trunk.first_layer,
     }
 
 
@@ -84,3 +108,7 @@ ALIGN = Stage(
     compute=compute,
     scratch=(CHECKPOINT_DIR,),
 )
+
+# Where the frozen-trunk cache applies: the same stage on the trunk's states (same loss and gradients,
+# tests/test_trunk.py); the trunk is an input, so it is part of the store key.
+ALIGN_ON_TRUNK = replace(ALIGN, inputs=(*ALIGN.inputs, "trunk"))

@@ -35,12 +35,15 @@ class StageContext:
     store: Store
     task: Task
 
-    def for_method(self, name: str, method: DictConfig) -> "StageContext":
-        """This context with ``method`` set to one method of ``compare``, named by its compare key."""
+    def for_method(self, name: str, method: DictConfig, seed: int) -> "StageContext":
+        """This context with ``method`` set to one method to align, under its one name, trained with one
+        of its ``seeds`` (the list becomes that ``seed``)."""
         cfg = self.cfg.copy()
         with open_dict(cfg):
             cfg.method = method.copy()
             cfg.method.name = name
+            cfg.method.seed = seed
+            del cfg.method["seeds"]
         return replace(self, cfg=cfg)
 
     @cached_property

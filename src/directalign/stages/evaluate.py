@@ -1,18 +1,111 @@
-"""Stage 5: sample held-out prompts with one policy; proxy and gold reward, length, KL to SFT."""
+"""Stage 5: sample held-out prompts with one policy at temperature 1; proxy and gold reward, length and
+KL(policy || SFT), each with its standard error over prompts. The SFT baseline also draws the pool that
+best-of-n is picked from, and every policy may add a greedy table on a few prompts."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from directalign.artifacts import Evaluation
 from directalign.distributed import is_rank_zero, map_sharded, rank_seed, world
 from directalign.errors import DataError
+from directalign.estimates import prompt_mean_and_se
 from directalign.generation import release_accelerator_memory, sample_completions
 from directalign.logprobs import batched_completion_logps
+from directalign.prompts import Prompts
 from directalign.stages.base import Stage
 from directalign.stages.context import StageContext
 from directalign.store import Ranks
 from directalign.validation import finite_mask
+
+# One sample: its completion and its summed log-ratio to the reference (0 for the reference itself).
+Draw = tuple[list[int], float]
+
+
+def sampled_logratios(
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    **sampling: Any,
+) -> list[list[Draw]]:
+    """``num_samples`` completions per prompt and ``log pi(y) - log pi_ref(y)`` summed over each: on the
+    policy's own temperature-1 samples its mean estimates KL(pi || pi_ref) without bias."""
+    samples, sample_logps = sample_completions(
+        model,
+        tokenizer,
+        prompts,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed,
+        return_logps=True,
+        **sampling,
+    )
+    if ref_model is None:
+        return [[(c, 0.0) for c in group] for group in samples]
+    flat_prompts = [prompt for prompt, group in zip(prompts, samples, strict=True) for _ in group]
+    flat = [c for group in samples for c in group]
+    ref = iter(batched_completion_logps(ref_model, flat_prompts, flat, tokenizer.pad_token_id, batch_size))
+    return [
+        [(c, float(sum(logps) - sum(next(ref)))) for c, logps in zip(group, group_logps, strict=True)]
+        for group, group_logps in zip(samples, sample_logps, strict=True)
+    ]
+
+
+def scored_records(
+    ctx: StageContext, reward, prompts: Prompts, draws: list[list[Draw]], policy_ref: str, label: Any
+) -> list[dict[str, Any]]:
+    """One record per sample; a non-finite score is refused, as every policy must answer every prompt."""
+    index = [(row, k) for row, group in enumerate(draws) for k in range(len(group))]
+    completions = [draws[row][k][0] for row, k in index]
+    texts = ctx.decode(completions)
+    proxy, gold, _ = ctx.scorer(reward)(
+        [prompts.sources[row] for row, _ in index], [prompts.references[row] for row, _ in index], texts
+    )
+    broken = np.flatnonzero(~finite_mask(proxy, gold))
+    if broken.size:
+        row = index[int(broken[0])][0]
+        raise DataError(
+            f"evaluate {policy_ref}: non-finite reward (proxy {proxy[broken[0]]},"
+            f" gold {None if gold is None else gold[broken[0]]}) for row {row}"
+            f" (id {prompts.example_ids[row]!r}) of split 'eval', and {broken.size - 1} more"
+        )
+    eos = ctx.tokenizer.eos_token_id
+    return [
+        {
+            "id": prompts.example_ids[row],
+            "sample": label if label is not None else k,
+            "completion": text,
+            "length_tokens": len(completion),
+            "ended": bool(completion) and completion[-1] == eos,
+            "proxy_reward": float(proxy[i]),
+            "gold_reward": float(gold[i]) if gold is not None else None,
+            "logratio": draws[row][k][1],
+        }
+        for i, ((row, k), completion, text) in enumerate(zip(index, completions, texts, strict=True))
+    ]
+
+
+def summary_metrics(records: list[dict[str, Any]], has_gold: bool) -> dict[str, Any]:
+    """Means over samples with standard errors over prompts."""
+    metrics: dict[str, Any] = {}
+    for key, name in (
+        ("proxy_reward", "proxy"),
+        ("gold_reward", "gold"),
+        ("length_tokens", "length"),
+        ("logratio", "kl"),
+    ):
+        mean, se = prompt_mean_and_se(records, key) if key != "gold_reward" or has_gold else (None, None)
+        metrics[{"logratio": "kl_to_ref"}.get(key, key)] = mean
+        metrics[f"{name}_se"] = se
+    metrics["eos_rate"] = float(np.mean([r["ended"] for r in records]))
+    metrics["n_prompts"] = len({r["id"] for r in records})
+    return metrics
 
 
 def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
@@ -21,73 +114,44 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     sft, reward, policy = inputs["sft"], inputs["reward"], inputs["policy"]
     seed = ctx.seed(4)
     prompts = ctx.prompts("eval", stage_cfg.n_prompts, policy.context_length, stage_cfg.prompt_offset)
+    is_baseline = policy.ref == sft.ref
     model = policy.load(ctx.device)
-    ref_model = None if policy.ref == sft.ref else sft.load(ctx.device)
+    ref_model = None if is_baseline else sft.load(ctx.device)
+    common = {"max_new_tokens": cfg.task.max_completion_tokens, "batch_size": stage_cfg.batch_size}
+    sampling = common | {"do_sample": True, "temperature": stage_cfg.temperature, "top_p": stage_cfg.top_p}
 
-    def sample_shard(shard: list[list[int]]) -> list[tuple[list[int], float]]:
-        """One rank's prompts: the policy's completion and its log-ratio to the SFT policy."""
-        samples, sample_logps = sample_completions(
-            model,
-            ctx.tokenizer,
-            shard,
-            num_samples=1,
-            max_new_tokens=cfg.task.max_completion_tokens,
-            batch_size=stage_cfg.batch_size,
-            do_sample=stage_cfg.do_sample,
-            temperature=stage_cfg.temperature,
-            top_p=stage_cfg.top_p,
-            seed=rank_seed(seed),
-            desc=f"evaluate {policy.stage}",
-            return_logps=True,
-        )
-        completions = [s[0] for s in samples]
-        if ref_model is None:
-            return [(c, 0.0) for c in completions]
-        ref_logps = batched_completion_logps(
-            ref_model, shard, completions, ctx.tokenizer.pad_token_id, stage_cfg.batch_size
-        )
-        rows = zip(completions, sample_logps, ref_logps, strict=True)
-        return [(c, sum(policy_logps[0]) - sum(ref)) for c, policy_logps, ref in rows]
+    def draw(n: int, draw_seed: int, prompt_ids: list[list[int]], **kwargs: Any) -> list[list[Draw]]:
+        """``n`` draws per prompt, each rank drawing its share of the prompts."""
 
-    sampled = map_sharded(prompts.ids, sample_shard)
+        def shard_draws(shard: list[list[int]]) -> list[list[Draw]]:
+            return sampled_logratios(
+                model, ref_model, ctx.tokenizer, shard, n, rank_seed(draw_seed), **kwargs
+            )
+
+        return map_sharded(prompt_ids, shard_draws)
+
+    # Every policy draws its samples with the same random numbers (seed), so differences are paired.
+    sampled = draw(stage_cfg.n_samples, seed, prompts.ids, **sampling)
+    pool_size = max(stage_cfg.best_of_n, default=0) if is_baseline else 0
+    if pool_size > stage_cfg.n_samples:
+        extra = draw(pool_size - stage_cfg.n_samples, seed + 1, prompts.ids, **sampling)
+        sampled = [first + more for first, more in zip(sampled, extra, strict=True)]
+    greedy_prompts = prompts.ids[: stage_cfg.greedy_prompts]
+    greedy = draw(1, seed, greedy_prompts, **common, do_sample=False) if greedy_prompts else []
     model = ref_model = None  # room on the GPU for the scorer
     release_accelerator_memory()
     if not is_rank_zero():
         return {}  # rank 0 scores and writes the samples
-    completions = [completion for completion, _ in sampled]
-    logratio = np.asarray([value for _, value in sampled])
-    texts = ctx.decode(completions)
-    proxy, gold = ctx.scorer(reward)(prompts.sources, prompts.references, texts)
-    # Every policy is scored on the same prompts, so a sample cannot be dropped: refuse instead.
-    broken = np.flatnonzero(~finite_mask(proxy, gold))
-    if broken.size:
-        row = int(broken[0])
-        raise DataError(
-            f"evaluate {policy.ref}: non-finite reward (proxy {proxy[row]},"
-            f" gold {None if gold is None else gold[row]}) for row {row} (id {prompts.example_ids[row]!r})"
-            f" of split 'eval', and {broken.size - 1} more"
-        )
-    lengths = np.asarray([len(c) for c in completions])
-    Evaluation.save(
-        folder,
-        [
-            {
-                "id": prompts.example_ids[i],
-                "completion": text,
-                "length_tokens": int(lengths[i]),
-                "proxy_reward": float(proxy[i]),
-                "gold_reward": float(gold[i]) if gold is not None else None,
-                "logratio": float(logratio[i]),
-            }
-            for i, text in enumerate(texts)
-        ],
-    )
-    return {
-        "proxy_reward": float(proxy.mean()),
-        "gold_reward": float(gold.mean()) if gold is not None else None,
-        "length_tokens": float(lengths.mean()),
-        "kl_to_ref": float(logratio.mean()),
-        "n_prompts": len(texts),
+    records = scored_records(ctx, reward, prompts, sampled, policy.ref, None)
+    greedy_records = scored_records(ctx, reward, prompts, greedy, policy.ref, "greedy") if greedy else []
+    Evaluation.save(folder, records, greedy_records)
+    has_gold = records[0]["gold_reward"] is not None
+    own = [r for r in records if r["sample"] < stage_cfg.n_samples]
+    return summary_metrics(own, has_gold) | {
+        "n_samples": stage_cfg.n_samples,
+        "temperature": stage_cfg.temperature,
+        "best_of_pool": pool_size if pool_size > stage_cfg.n_samples else 0,
+        "greedy": summary_metrics(greedy_records, has_gold) if greedy_records else None,
         "n_truncated_sources": prompts.n_truncated,
         "world_size": world()[1],
     }

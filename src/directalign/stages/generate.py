@@ -1,9 +1,10 @@
 """Stage 3: the off-policy dataset.
 
-K completions per prompt sampled from the SFT policy, scored by the reward model (and the gold judge),
-with the SFT (reference) log-prob of every completion token stored once, so alignment never runs a
-reference model. Empty completions and non-finite rewards are dropped and counted; a prompt needs two
-completions left to form a pair.
+K completions per prompt sampled from the SFT policy, scored by the calibrated reward model (and the
+gold judge), with the SFT (reference) log-prob of every completion token stored once, so alignment never
+runs a reference model. ``reward_source=gold`` trains on the labeller's own logits instead (an oracle
+arm). Empty completions and non-finite rewards are dropped and counted; a prompt needs two completions
+left to form a pair.
 """
 
 import logging
@@ -12,12 +13,11 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-
 from directalign.artifacts import OffPolicyData, PolicyArtifact, RewardArtifact
 from directalign.distributed import is_rank_zero, map_sharded, rank_seed, world
 from directalign.errors import DataError
 from directalign.generation import release_accelerator_memory, sample_completions
+from directalign.offpolicy_stats import dataset_statistics
 from directalign.stages.base import Stage
 from directalign.stages.context import Prompts, StageContext
 from directalign.store import Ranks
@@ -85,12 +85,17 @@ def scored_rows(
     n_empty = sum(len(group) for group in texts) - len(candidates)
     if not candidates:
         raise DataError("generate: every completion sampled for split 'offpolicy' is empty")
-    proxy, gold = ctx.scorer(reward)(
+    proxy, gold, raw_proxy = ctx.scorer(reward)(
         [prompts.sources[i] for i, _ in candidates],
         [prompts.references[i] for i, _ in candidates],
         [texts[i][k] for i, k in candidates],
     )
     finite = finite_mask(proxy, gold)
+    if ctx.cfg.stage.generate.reward_source == "gold":
+        # The oracle arm: the labeller's own Bradley-Terry logits, free of the reward model's errors.
+        rewards = gold / ctx.cfg.stage.reward.label_temperature
+    else:
+        rewards = proxy
     kept: dict[int, list[int]] = {}
     for position, (index, _) in enumerate(candidates):
         if finite[position]:
@@ -116,7 +121,9 @@ def scored_rows(
                 "completion_text": [texts[index][k] for k in picks],
                 # The SFT policy sampled these completions: its sampling logits are the reference.
                 "ref_logps": [logps[k] for k in picks],
-                "reward": proxy[positions].tolist(),
+                "reward": rewards[positions].tolist(),
+                "proxy": proxy[positions].tolist(),
+                "raw_proxy": raw_proxy[positions].tolist(),
                 "gold": gold[positions].tolist() if gold is not None else None,
             }
         )
@@ -148,20 +155,19 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     )
     rows, counts = scored_rows(ctx, reward, prompts, groups)
     OffPolicyData.save(folder, rows)
-    lengths = [len(c) for row in rows for c in row["completion_ids"]]
-    golds = [g for row in rows for g in row["gold"]] if rows[0]["gold"] is not None else None
-    return counts | {
-        "n_prompts": len(rows),
-        "n_completions": len(lengths),
-        "n_truncated_sources": prompts.n_truncated,
-        "mean_length_tokens": float(np.mean(lengths)),
-        "mean_reward": float(np.mean([r for row in rows for r in row["reward"]])),
-        "mean_gold": float(np.mean(golds)) if golds is not None else None,
-        "generated_tokens": n_generated,
-        "sampling_seconds": seconds,
-        "tokens_per_s": n_generated / seconds,
-        "world_size": world()[1],
-    }
+    return (
+        counts
+        | dataset_statistics(rows)
+        | {
+            "reward_source": stage_cfg.reward_source,
+            "calibration_scale": reward.calibration_scale,
+            "n_truncated_sources": prompts.n_truncated,
+            "generated_tokens": n_generated,
+            "sampling_seconds": seconds,
+            "tokens_per_s": n_generated / seconds,
+            "world_size": world()[1],
+        }
+    )
 
 
 GENERATE = Stage(

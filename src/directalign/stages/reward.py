@@ -1,7 +1,9 @@
 """Stage 2: a Bradley-Terry reward model on preference pairs (``preferences.py`` says where they come
-from), checked on held-out pairs against the labels and, where there is one, the gold judge."""
+from), checked on held-out pairs against the labels and, where there is one, the gold judge, and
+calibrated on them: one temperature puts its scores on the labeller's log-odds scale."""
 
 import logging
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from directalign.artifacts import RewardArtifact
+from directalign.calibration import fit_calibration
 from directalign.errors import DataError
 from directalign.lit.reward import RewardModule
 from directalign.models import build_reward_model
@@ -90,6 +93,10 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
         **pairs.counts,
         **held_out_metrics(pairs, order[:n_val], chosen, rejected),
     }
+    if stage_cfg.calibration:
+        # One temperature that makes the scores Bradley-Terry log-odds of the labeller, so that a reward
+        # gap means what CoPG's beta assumes; refused if the model orders held-out pairs at chance.
+        metrics["calibration"] = asdict(fit_calibration(chosen - rejected))
     RewardArtifact.save(folder, model, tokenizer)
     log.info("reward model: %s", metrics)
     return metrics

@@ -1,0 +1,66 @@
+"""The evaluation's KL estimator: the mean summed log-ratio on the policy's own temperature-1 samples
+equals KL(policy || reference) computed exactly by enumerating every completion of a tiny model."""
+
+import itertools
+import math
+
+import torch
+
+from directalign.stages.evaluate import sampled_logratios
+from tests.conftest import tiny_llama
+
+VOCAB, EOS, PAD, MAX_NEW = 5, 1, 0, 2
+PROMPT = [3, 4, 2]
+
+
+class TinyTokenizer:
+    eos_token_id, pad_token_id = EOS, PAD
+
+
+def completion_logprob(model, completion: list[int]) -> float:
+    """log p(completion | PROMPT) under the model's raw softmax (temperature 1)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT + completion])).logits[0].double()
+    logps = torch.log_softmax(logits, dim=-1)
+    return sum(float(logps[len(PROMPT) - 1 + t, token]) for t, token in enumerate(completion))
+
+
+def every_completion() -> list[list[int]]:
+    """Every sequence generation can return: cut after eos, or at MAX_NEW tokens."""
+    ends = [[EOS]]
+    more = [list(c) for c in itertools.product(range(VOCAB), repeat=MAX_NEW) if c[0] != EOS]
+    return ends + more
+
+
+def test_sampled_logratio_estimates_the_exact_kl():
+    policy = tiny_llama(vocab_size=VOCAB)
+    reference = tiny_llama(vocab_size=VOCAB)
+    with torch.no_grad():  # a reference near the policy, as SFT is to an aligned policy
+        for weight in reference.parameters():
+            weight.add_(0.3 * torch.randn_like(weight))
+    completions = every_completion()
+    policy_logps = [completion_logprob(policy, c) for c in completions]
+    assert math.isclose(sum(math.exp(lp) for lp in policy_logps), 1.0, rel_tol=1e-6)
+    exact = sum(
+        math.exp(lp) * (lp - completion_logprob(reference, c))
+        for lp, c in zip(policy_logps, completions, strict=True)
+    )
+
+    draws = sampled_logratios(
+        policy,
+        reference,
+        TinyTokenizer(),
+        [PROMPT] * 500,
+        num_samples=8,
+        seed=0,
+        batch_size=250,
+        max_new_tokens=MAX_NEW,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+    )
+    values = torch.tensor([value for group in draws for _, value in group], dtype=torch.float64)
+    estimate, error = values.mean().item(), (values.std() / math.sqrt(values.numel())).item()
+    assert exact > 0.05, "the two models must differ for the test to mean anything"
+    assert abs(estimate - exact) < 4 * error, (estimate, exact, error)
+    assert error < 0.1 * exact
