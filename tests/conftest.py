@@ -53,6 +53,28 @@ def tiny_llama(vocab_size: int = 64, **config: Any) -> "LlamaForCausalLM":
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **shape, **heads, **config)).eval()
 
 
+# LoRA adapters on the top layer of tiny_llama only, with random A and B (peft's default B = 0 would
+# leave A without gradient): the headlines experiment's form of LoRA, in miniature.
+TOP_LAYER_LORA = {
+    "r": 4,
+    "lora_alpha": 8,
+    "target_modules": ["q_proj", "v_proj"],
+    "layers_to_transform": [1],
+    "init_lora_weights": False,
+}
+
+
+def step_loss_and_grads(module: Any, batch: dict) -> tuple[float, dict]:
+    """One align training step's loss and the gradient of every trainable parameter (no Trainer)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a Trainer attached
+        value = module.training_step(batch, 0)
+    value.backward()
+    return value.item(), {name: p.grad for name, p in module.named_parameters() if p.requires_grad}
+
+
 @pytest.fixture(scope="session")
 def shared_store(tmp_path_factory) -> Path:
     """One store for the whole session, so the dequantised SmolLM2 tokenizer is built once."""

@@ -22,7 +22,7 @@ from directalign.logprobs import batched_completion_logps
 from directalign.losses import length_normaliser
 from directalign.models import with_lora
 from directalign.pairs import build_pairs, build_prompt_groups, collate_pairs, collate_prompt_groups
-from tests.conftest import tiny_llama
+from tests.conftest import TOP_LAYER_LORA, step_loss_and_grads, tiny_llama
 
 PAD, BETA, REWARD_GAP = 0, 0.5, 1.0
 PROMPT = [5, 9, 3, 12]
@@ -126,28 +126,12 @@ def offpolicy_table() -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
-# Adapters on the top layer only, random A and B (peft's default B = 0 would leave A without gradient).
-TOP_LAYER_LORA = {
-    "r": 4,
-    "lora_alpha": 8,
-    "target_modules": ["q_proj", "v_proj"],
-    "layers_to_transform": [1],
-    "init_lora_weights": False,
-}
-
-
-def step_loss_and_grads(
+def align_step(
     batch: dict[str, torch.Tensor], method: dict, share_prompt: bool, lora: dict | None
 ) -> tuple[float, dict[str, torch.Tensor]]:
     stage = OmegaConf.merge(STAGE, {"share_prompt": share_prompt})
     policy = with_lora(tiny_llama(), None if lora is None else OmegaConf.create(lora))
-    module = AlignModule(policy, stage, OmegaConf.create(method))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log without a Trainer attached
-        value = module.training_step(batch, 0)
-    value.backward()
-    grads = {name: p.grad for name, p in module.named_parameters() if p.requires_grad}
-    return value.item(), grads
+    return step_loss_and_grads(AlignModule(policy, stage, OmegaConf.create(method)), batch)
 
 
 def test_prompt_groups_hold_the_pairs_build_pairs_makes_in_its_order():
@@ -187,10 +171,10 @@ def test_grouped_batch_gives_the_pair_batch_loss_and_gradients(loss, length_powe
     table, drop_ties = offpolicy_table(), loss != "copg"
     method = {"loss": loss, "beta": BETA, "length_power": length_power}
     pairs, _ = build_pairs(table, drop_ties)
-    plain_loss, plain_grads = step_loss_and_grads(collate_pairs(pairs, PAD), method, False, lora)
+    plain_loss, plain_grads = align_step(collate_pairs(pairs, PAD), method, False, lora)
     grouped = collate_prompt_groups(build_prompt_groups(table, drop_ties)[0], PAD)
     assert grouped["pair_a"].shape[0] == len(pairs)
-    grouped_loss, grouped_grads = step_loss_and_grads(grouped, method, share_prompt, lora)
+    grouped_loss, grouped_grads = align_step(grouped, method, share_prompt, lora)
     assert plain_loss != 0.0
     assert grouped_loss * len(pairs) == pytest.approx(plain_loss * len(pairs), abs=1e-5)
     assert plain_grads.keys() == grouped_grads.keys()

@@ -17,7 +17,7 @@ from directalign.logprobs import completion_logps
 from directalign.models import with_lora
 from directalign.pairs import collate_pairs
 from directalign.prefix import shared_prompt_completion_logps
-from tests.conftest import tiny_llama
+from tests.conftest import TOP_LAYER_LORA, tiny_llama
 
 PAD = 0
 STAGE = {"lr": 1e-5, "weight_decay": 0.0, "warmup_ratio": 0.0, "scheduler": "constant"}
@@ -65,17 +65,6 @@ def loss_and_grads(
         for name, p in module.named_parameters()
         if p.requires_grad and p.grad is not None
     }
-
-
-# The headlines experiment's LoRA form, adapters on the top layer only; random A and B (peft's default
-# B = 0 would leave A without gradient).
-TOP_LAYER_LORA = {
-    "r": 4,
-    "lora_alpha": 8,
-    "target_modules": ["q_proj", "v_proj"],
-    "layers_to_transform": [1],
-    "init_lora_weights": False,
-}
 
 
 @pytest.mark.parametrize(

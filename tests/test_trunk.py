@@ -6,8 +6,6 @@ batch (prompts of different lengths, K = 2, 3 and 4, a 1-token completion) the l
 gradient must equal those of the same step through the whole model, to 1e-5.
 """
 
-import warnings
-
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -20,7 +18,7 @@ from directalign.pairs import attach_trunk_states, build_prompt_groups, collate_
 from directalign.stages.context import StageContext
 from directalign.stages.trunk import align_first_layer
 from directalign.trunk import first_trained_layer, trunk_states
-from tests.conftest import compose_config
+from tests.conftest import compose_config, step_loss_and_grads
 from tests.test_align import BETA, PAD, STAGE, offpolicy_table
 
 
@@ -48,16 +46,11 @@ def policy(lora: dict | None) -> torch.nn.Module:
     return with_lora(four_layer_llama(), None if lora is None else OmegaConf.create(lora))
 
 
-def step_loss_and_grads(
+def trunk_step(
     batch: dict[str, torch.Tensor], lora: dict, method: dict, first_layer: int | None
 ) -> tuple[float, dict[str, torch.Tensor]]:
     module = AlignModule(policy(lora).train(), STAGE, OmegaConf.create(method), first_layer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log without a Trainer attached
-        value = module.training_step(batch, 0)
-    value.backward()
-    grads = {name: p.grad for name, p in module.named_parameters() if p.requires_grad}
-    return value.item(), grads
+    return step_loss_and_grads(module, batch)
 
 
 @pytest.mark.parametrize(
@@ -73,14 +66,14 @@ def test_top_layers_on_trunk_states_give_the_whole_model_loss_and_gradients(
     table = offpolicy_table()
     groups, _ = build_prompt_groups(table, drop_ties=loss != "copg")
     method = {"loss": loss, "beta": BETA, "length_power": length_power}
-    whole_loss, whole_grads = step_loss_and_grads(collate_prompt_groups(groups, PAD), lora, method, None)
+    whole_loss, whole_grads = trunk_step(collate_prompt_groups(groups, PAD), lora, method, None)
     sft = four_layer_llama()  # the frozen weights below the adapters
     rows = trunk_states(
         sft, table["prompt_ids"], table["completion_ids"], first_layer, PAD, prompts_per_forward=2
     )
     attach_trunk_states(groups, rows)
     cached = collate_prompt_groups(groups, PAD)
-    cached_loss, cached_grads = step_loss_and_grads(cached, lora, method, first_layer)
+    cached_loss, cached_grads = trunk_step(cached, lora, method, first_layer)
     n_pairs = len(cached["pair_a"])
     assert cached_loss * n_pairs == pytest.approx(whole_loss * n_pairs, abs=1e-5)
     assert whole_grads.keys() == cached_grads.keys()

@@ -71,3 +71,20 @@ def paired_difference(policy: Sequence[Samples], baseline: Sequence[Samples], ke
             seed_levels = [np.mean([means[p] for p in prompts]) for means in side]
             se = math.sqrt(se**2 + float(np.var(seed_levels, ddof=1)) / len(side))
     return PairedDifference(differences.tolist(), mean, se)
+
+
+def sample_metrics(records: list[dict[str, Any]], has_gold: bool) -> dict[str, Any]:
+    """Means over samples with standard errors over prompts."""
+    metrics: dict[str, Any] = {}
+    for key, name in (
+        ("proxy_reward", "proxy"),
+        ("gold_reward", "gold"),
+        ("length_tokens", "length"),
+        ("logratio", "kl"),
+    ):
+        mean, se = prompt_mean_and_se(records, key) if key != "gold_reward" or has_gold else (None, None)
+        metrics[{"logratio": "kl_to_ref"}.get(key, key)] = mean
+        metrics[f"{name}_se"] = se
+    metrics["eos_rate"] = float(np.mean([r["ended"] for r in records]))
+    metrics["n_prompts"] = len({r["id"] for r in records})
+    return metrics

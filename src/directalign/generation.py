@@ -2,12 +2,13 @@
 prefilled once for all its samples."""
 
 import gc
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from directalign.logprobs import gather_token_logps
+from directalign.logprobs import batched_completion_logps, gather_token_logps
 
 
 @torch.inference_mode()
@@ -121,3 +122,40 @@ def release_accelerator_memory() -> None:
 
 def cut_after_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+
+
+# One sample: its completion and its summed log-ratio to the reference (0 for the reference itself).
+Draw = tuple[list[int], float]
+
+
+def sampled_logratios(
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    **sampling: Any,
+) -> list[list[Draw]]:
+    """``num_samples`` completions per prompt and ``log pi(y) - log pi_ref(y)`` summed over each: on the
+    policy's own temperature-1 samples its mean estimates KL(pi || pi_ref) without bias."""
+    samples, sample_logps = sample_completions(
+        model,
+        tokenizer,
+        prompts,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed,
+        return_logps=True,
+        **sampling,
+    )
+    if ref_model is None:
+        return [[(c, 0.0) for c in group] for group in samples]
+    flat_prompts = [prompt for prompt, group in zip(prompts, samples, strict=True) for _ in group]
+    flat = [c for group in samples for c in group]
+    ref = iter(batched_completion_logps(ref_model, flat_prompts, flat, tokenizer.pad_token_id, batch_size))
+    return [
+        [(c, float(sum(logps) - sum(next(ref)))) for c, logps in zip(group, group_logps, strict=True)]
+        for group, group_logps in zip(samples, sample_logps, strict=True)
+    ]

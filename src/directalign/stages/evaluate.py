@@ -6,55 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from directalign.artifacts import Evaluation
 from directalign.distributed import is_rank_zero, map_sharded, rank_seed, world
 from directalign.errors import DataError
-from directalign.estimates import prompt_mean_and_se
-from directalign.generation import release_accelerator_memory, sample_completions
-from directalign.logprobs import batched_completion_logps
+from directalign.estimates import sample_metrics
+from directalign.generation import Draw, release_accelerator_memory, sampled_logratios
 from directalign.prompts import Prompts
 from directalign.stages.base import Stage
 from directalign.stages.context import StageContext
 from directalign.store import Ranks
 from directalign.validation import finite_mask
-
-# One sample: its completion and its summed log-ratio to the reference (0 for the reference itself).
-Draw = tuple[list[int], float]
-
-
-def sampled_logratios(
-    model: PreTrainedModel,
-    ref_model: PreTrainedModel | None,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    num_samples: int,
-    seed: int,
-    batch_size: int,
-    **sampling: Any,
-) -> list[list[Draw]]:
-    """``num_samples`` completions per prompt and ``log pi(y) - log pi_ref(y)`` summed over each: on the
-    policy's own temperature-1 samples its mean estimates KL(pi || pi_ref) without bias."""
-    samples, sample_logps = sample_completions(
-        model,
-        tokenizer,
-        prompts,
-        num_samples=num_samples,
-        batch_size=batch_size,
-        seed=seed,
-        return_logps=True,
-        **sampling,
-    )
-    if ref_model is None:
-        return [[(c, 0.0) for c in group] for group in samples]
-    flat_prompts = [prompt for prompt, group in zip(prompts, samples, strict=True) for _ in group]
-    flat = [c for group in samples for c in group]
-    ref = iter(batched_completion_logps(ref_model, flat_prompts, flat, tokenizer.pad_token_id, batch_size))
-    return [
-        [(c, float(sum(logps) - sum(next(ref)))) for c, logps in zip(group, group_logps, strict=True)]
-        for group, group_logps in zip(samples, sample_logps, strict=True)
-    ]
 
 
 def scored_records(
@@ -89,23 +51,6 @@ def scored_records(
         }
         for i, ((row, k), completion, text) in enumerate(zip(index, completions, texts, strict=True))
     ]
-
-
-def summary_metrics(records: list[dict[str, Any]], has_gold: bool) -> dict[str, Any]:
-    """Means over samples with standard errors over prompts."""
-    metrics: dict[str, Any] = {}
-    for key, name in (
-        ("proxy_reward", "proxy"),
-        ("gold_reward", "gold"),
-        ("length_tokens", "length"),
-        ("logratio", "kl"),
-    ):
-        mean, se = prompt_mean_and_se(records, key) if key != "gold_reward" or has_gold else (None, None)
-        metrics[{"logratio": "kl_to_ref"}.get(key, key)] = mean
-        metrics[f"{name}_se"] = se
-    metrics["eos_rate"] = float(np.mean([r["ended"] for r in records]))
-    metrics["n_prompts"] = len({r["id"] for r in records})
-    return metrics
 
 
 def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
@@ -147,11 +92,11 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     Evaluation.save(folder, records, greedy_records)
     has_gold = records[0]["gold_reward"] is not None
     own = [r for r in records if r["sample"] < stage_cfg.n_samples]
-    return summary_metrics(own, has_gold) | {
+    return sample_metrics(own, has_gold) | {
         "n_samples": stage_cfg.n_samples,
         "temperature": stage_cfg.temperature,
         "best_of_pool": pool_size if pool_size > stage_cfg.n_samples else 0,
-        "greedy": summary_metrics(greedy_records, has_gold) if greedy_records else None,
+        "greedy": sample_metrics(greedy_records, has_gold) if greedy_records else None,
         "n_truncated_sources": prompts.n_truncated,
         "world_size": world()[1],
     }

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from directalign.stages.evaluate import sampled_logratios
+from directalign.generation import sampled_logratios
 from tests.conftest import tiny_llama
 
 VOCAB, EOS, PAD, MAX_NEW = 5, 1, 0, 2
