@@ -16,11 +16,29 @@ token positions with ``K`` positions through the LM head, ``N`` the non-embeddin
 checkpointing adds ``2 N T`` (the layers' forward again). TRL's fused LM head scores every position
 on CPU and only completion positions where Triton runs. Attention scores (~4% at these lengths) are
 left out.
+
+LoRA runs (``lora_variants``, ``align_lora_tokens_per_s``): the default experiment's adapters (r 16,
+alpha 32, all 7 projections, the top 8 layers) on both sides, on prompts with K completions each.
+``trl_lora`` is DPOTrainer with its defaults (fp32) and the same ``peft_config``, fed every pair of
+those prompts (K (K - 1) / 2 each), ``prompts_per_step`` prompts' worth a step. ``ours_lora`` is the
+align stage: prompt-grouped batches of those prompts on the frozen-trunk cache, whose one-off cost
+(the trunk states of all ``experiment_prompts`` prompts, timed) is shared by the default experiment's
+method runs::
+
+    ours_time_per_step = step_time + cache_time / (n_method_runs * steps_per_run)
+
+with ``steps_per_run = epochs * ceil(experiment_prompts / prompts_per_step)``. Tokens are counted the
+same way on both sides: ``prompt + a + prompt + b`` of every pair a step trains (``pair_tokens``;
+TRL's batch holds exactly that), so grouping gets no credit for the rows and prompts it shares. The
+cost of the align stage when ``n`` method runs share one cache (``scaling_runs``) is
+``cache + n * run`` with ``run = steps_per_run * step_time``, reported per method run. FLOPs of
+``ours_lora`` by ``benchmarking.lora_step_flops``; TRL's LoRA step is not counted.
 """
 
 import copy
 import json
 import logging
+import math
 import os
 import random
 import statistics
@@ -41,23 +59,31 @@ from omegaconf import DictConfig, OmegaConf
 
 from directalign.benchmarking import (
     BatchShape,
+    LoraCounts,
     ParameterCounts,
     StepTimer,
     align_batches,
     align_step_flops,
     benchmark_architecture,
     forward_flops,
+    lora_step_flops,
     matmul_peak_flops,
+    pair_tokens,
     resolve_device,
     time_align_steps,
+    time_calls,
     training_flops,
 )
 
 if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import PeftConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Run = dict[str, Any]
 Ids = dict[str, list[list[int]]]
+# The LoRA runs ``lora_variants`` names, and whose step each runs.
+LORA_KINDS = {"ours_lora": "ours", "trl_lora": "trl"}
 
 
 def counting(collate: Callable[[list], dict], shapes: list[BatchShape]) -> Callable[[list], dict]:
@@ -92,17 +118,46 @@ def make_pairs(
 ) -> list[dict[str, str]]:
     """Text pairs; a completion of ``n`` tokens is ``n - 1`` words and the eos its tokenisation adds."""
     rng = random.Random(seed)
-
-    def text(n_words: int) -> str:
-        return "".join(" " + rng.choice(words) for _ in range(n_words))
-
     return [
         {
-            "prompt": text(rng.randint(*prompt_tokens)),
-            "chosen": text(rng.randint(*completion_tokens) - 1),
-            "rejected": text(rng.randint(*completion_tokens) - 1),
+            "prompt": random_text(rng, words, rng.randint(*prompt_tokens)),
+            "chosen": random_text(rng, words, rng.randint(*completion_tokens) - 1),
+            "rejected": random_text(rng, words, rng.randint(*completion_tokens) - 1),
         }
         for _ in range(n_pairs)
+    ]
+
+
+def random_text(rng: random.Random, words: list[str], n_words: int) -> str:
+    """``n_words`` words of ``word_pool``, each with its leading space: ``n_words`` tokens."""
+    return "".join(" " + rng.choice(words) for _ in range(n_words))
+
+
+def make_groups(words: list[str], n_prompts: int, grouped: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """Text prompts with K completions each (lengths as ``make_pairs``), and distinct random rewards,
+    so every one of a prompt's K (K - 1) / 2 pairs is kept, as the default experiment's rewards are."""
+    rng = random.Random(seed)
+    k = grouped["completions_per_prompt"]
+    return [
+        {
+            "prompt": random_text(rng, words, rng.randint(*grouped["prompt_tokens"])),
+            "completions": [
+                random_text(rng, words, rng.randint(*grouped["completion_tokens"]) - 1) for _ in range(k)
+            ],
+            "rewards": [rng.random() for _ in range(k)],
+        }
+        for _ in range(n_prompts)
+    ]
+
+
+def group_pairs(groups: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Each group's pairs as TRL's text pairs, in ``pairs.ranked_pairs``'s order (higher reward chosen)."""
+    from directalign.pairs import ranked_pairs
+
+    return [
+        {"prompt": group["prompt"], "chosen": group["completions"][a], "rejected": group["completions"][b]}
+        for group in groups
+        for a, b in ranked_pairs(group["rewards"], drop_ties=True)[0]
     ]
 
 
@@ -165,8 +220,10 @@ def run_trl(
     device: str,
     timer: StepTimer,
     folder: str,
+    peft_config: "PeftConfig | None" = None,
 ) -> float:
-    """TRL's DPOTrainer with its defaults but float32; returns the setup seconds (with any precompute)."""
+    """TRL's DPOTrainer with its defaults but float32; returns the setup seconds (with any precompute).
+    With ``peft_config`` TRL wraps the model itself and its reference is the model with adapters off."""
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -192,7 +249,8 @@ def run_trl(
         **run["trl_args"],
     )
     # A random-init model has no path to load a reference from; a copy is what the path would give.
-    ref_model = None if run["trl_args"].get("precompute_ref_log_probs") else copy.deepcopy(model)
+    precomputed = run["trl_args"].get("precompute_ref_log_probs")
+    ref_model = None if precomputed or peft_config is not None else copy.deepcopy(model)
     start = time.perf_counter()
     trainer = DPOTrainer(
         model=model,
@@ -200,6 +258,7 @@ def run_trl(
         args=args,
         train_dataset=Dataset.from_list(pairs),
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
     setup_s = time.perf_counter() - start
     prepared = trainer.train_dataset
@@ -215,17 +274,23 @@ def run_trl(
     return setup_s
 
 
-def worker(cfg: dict[str, Any], run: Run) -> dict[str, Any]:
-    """One run in a fresh process: build the data and model, train, and sort the steps by segment."""
+def quiet() -> None:
+    """Silence the libraries' warnings and progress bars in a worker process: the output is the tables."""
     import datasets
     import transformers
-    from transformers import AutoModelForCausalLM
 
     os.environ["TQDM_DISABLE"] = "1"  # TRL's reference precompute bar
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+
+
+def worker(cfg: dict[str, Any], run: Run) -> dict[str, Any]:
+    """One run in a fresh process: build the data and model, train, and sort the steps by segment."""
+    from transformers import AutoModelForCausalLM
+
+    quiet()
     device = resolve_device(cfg["device"])
     config, tokenizer = benchmark_architecture(cfg)
     words = word_pool(tokenizer)
@@ -279,9 +344,221 @@ def worker(cfg: dict[str, Any], run: Run) -> dict[str, Any]:
     }
 
 
-def in_fresh_process(cfg: dict[str, Any], run: Run) -> dict[str, Any]:
+def in_fresh_process(
+    cfg: dict[str, Any], run: Run, target: Callable[[dict[str, Any], Run], dict[str, Any]] = worker
+) -> dict[str, Any]:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(worker, cfg, run).result()
+        return pool.submit(target, cfg, run).result()
+
+
+def lora_config(cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """The default experiment's adapters, on the top ``lora_top_layers`` of the model's layers."""
+    return {
+        **cfg["lora"],
+        "layers_to_transform": list(range(num_layers - cfg["lora_top_layers"], num_layers)),
+    }
+
+
+def steps_per_run(grouped: dict[str, Any]) -> int:
+    """Optimizer steps of one method run of the default experiment: epochs over its prompts."""
+    return grouped["epochs"] * math.ceil(grouped["experiment_prompts"] / grouped["prompts_per_step"])
+
+
+def group_table(
+    tokenizer: "PreTrainedTokenizerBase", groups: list[dict[str, Any]], vocab_size: int
+) -> "Dataset":
+    """The off-policy table the align stage reads (the pipeline's tokenisation), with the constant
+    reference log-probs of ``align_batches``."""
+    from datasets import Dataset
+
+    from directalign.prompts import completion_ids
+
+    ref_logp = -math.log(vocab_size)
+    completions = [completion_ids(tokenizer, group["completions"]) for group in groups]
+    return Dataset.from_dict(
+        {
+            "prompt_ids": [tokenizer(g["prompt"], add_special_tokens=False).input_ids for g in groups],
+            "completion_ids": completions,
+            "ref_logps": [[[ref_logp] * len(c) for c in group] for group in completions],
+            "reward": [group["rewards"] for group in groups],
+        }
+    )
+
+
+def run_ours_lora(
+    cfg: dict[str, Any],
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    groups: list[dict[str, Any]],
+    device: str,
+    timer: StepTimer,
+) -> dict[str, Any]:
+    """The default experiment's align stage: the trunk states of all its prompts once (timed, as the
+    trunk stage computes them), then prompt-grouped steps on the top layers."""
+    from directalign.pairs import attach_trunk_states, build_prompt_groups, collate_prompt_groups
+    from directalign.stages.trunk import PROMPTS_PER_FORWARD
+    from directalign.trunk import first_trained_layer, trunk_states
+
+    grouped, pad_id = cfg["grouped"], tokenizer.pad_token_id
+    start = time.perf_counter()
+    table = group_table(tokenizer, groups, model.config.vocab_size)
+    items, _ = build_prompt_groups(table, drop_ties=True)
+    setup_s = time.perf_counter() - start
+    first_layer = first_trained_layer(model)
+    if first_layer is None:
+        raise RuntimeError("the LoRA layers reach layer 0: there is no frozen trunk to cache")
+    model.to(device)
+    cache = time_calls(
+        lambda: trunk_states(
+            model, table["prompt_ids"], table["completion_ids"], first_layer, pad_id, PROMPTS_PER_FORWARD
+        ),
+        device,
+        repeats=1,
+    )
+    attach_trunk_states(items, cache.result)
+    size, steps = grouped["prompts_per_step"], grouped["warmup_steps"] + grouped["timed_steps"]
+    batches = [collate_prompt_groups(items[i : i + size], pad_id) for i in range(0, steps * size, size)]
+    lightning = {**cfg["lightning"], "accelerator": "gpu" if device == "cuda" else "cpu"}
+    align_cfg, method_cfg = OmegaConf.create(cfg["align"]), OmegaConf.create(cfg["method"])
+    time_align_steps(model, batches, align_cfg, method_cfg, lightning, timer, first_layer)
+    counts = LoraCounts.of(model, first_layer)
+    return {
+        "setup_s": setup_s,
+        "cache_s": cache.seconds[0],
+        "first_layer": first_layer,
+        "tokens": [pair_tokens(batch) for batch in batches],
+        "flops": [
+            lora_step_flops(BatchShape.of(batch), int(batch["prompt_index"].max()) + 1, counts)
+            for batch in batches
+        ],
+    }
+
+
+def lora_worker(cfg: dict[str, Any], run: Run) -> dict[str, Any]:
+    """One LoRA run in a fresh process: the default experiment's adapters and batches, ours or TRL's."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from directalign.models import with_lora
+
+    quiet()
+    device = resolve_device(cfg["device"])
+    config, tokenizer = benchmark_architecture(cfg)
+    grouped = cfg["grouped"]
+    steps, size = grouped["warmup_steps"] + grouped["timed_steps"], grouped["prompts_per_step"]
+    if steps * size > grouped["experiment_prompts"]:
+        raise ValueError("grouped: the timed steps need more prompts than experiment_prompts holds")
+    groups = make_groups(word_pool(tokenizer), grouped["experiment_prompts"], grouped, cfg["seed"])
+    lora = lora_config(cfg, config.num_hidden_layers)
+    torch.manual_seed(cfg["seed"])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    timer = StepTimer(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if run["kind"] == "ours":
+        model = with_lora(model, OmegaConf.create(lora))
+        result = run_ours_lora(cfg, model, tokenizer, groups, device, timer)
+    else:
+        k = grouped["completions_per_prompt"]
+        segment = {
+            "pairs": size * k * (k - 1) // 2,
+            "warmup": grouped["warmup_steps"],
+            "timed": grouped["timed_steps"],
+        }
+        trl_run, pairs = {"segments": [segment], "trl_args": {}}, group_pairs(groups[: steps * size])
+        with tempfile.TemporaryDirectory() as folder:
+            setup_s = run_trl(
+                cfg, trl_run, model, tokenizer, pairs, device, timer, folder, LoraConfig(**lora)
+            )
+        result = {"setup_s": setup_s, "tokens": [shape.tokens for shape in timer.shapes]}
+    warmup = grouped["warmup_steps"]
+    rss, cuda = timer.peak_memory[-1]
+    return {
+        **run,
+        **result,
+        "lora": lora,
+        "device": device,
+        "step_s": timer.seconds[warmup:],
+        "tokens": result["tokens"][warmup:],
+        "flops": result.get("flops", [])[warmup:],
+        "peak_rss_mib": rss,
+        "cuda_peak_mib": cuda,
+    }
+
+
+def amortised_step_s(result: dict[str, Any], grouped: dict[str, Any]) -> list[float]:
+    """Each timed step plus its share of the trunk cache: ``step_time + cache_time / (n_method_runs x
+    steps_per_run)``, every method run of the default experiment training on the one cache."""
+    share = result.get("cache_s", 0.0) / (grouped["n_method_runs"] * steps_per_run(grouped))
+    return [seconds + share for seconds in result["step_s"]]
+
+
+def summarise_lora(result: dict[str, Any], grouped: dict[str, Any], peak: float) -> dict[str, float | None]:
+    """Medians and min-max spreads of a LoRA run, its rates on the amortised step times; FLOPs where
+    counted (ours)."""
+    times, amortised, flops = result["step_s"], amortised_step_s(result, grouped), result["flops"]
+    rates = [tokens / t for tokens, t in zip(result["tokens"], amortised, strict=True)]
+    return {
+        "step_s": statistics.median(times),
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "amortised_step_s": statistics.median(amortised),
+        "tokens_per_step": statistics.mean(result["tokens"]),
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s_min": min(rates),
+        "tokens_per_s_max": max(rates),
+        "tflop_per_step": statistics.mean(flops) / 1e12 if flops else None,
+        "peak_fraction": (
+            statistics.median(f / t / peak for f, t in zip(flops, times, strict=True)) if flops else None
+        ),
+    }
+
+
+def trunk_scaling(ours: dict[str, Any], grouped: dict[str, Any]) -> dict[int, float]:
+    """Seconds per method run when ``n`` runs share one trunk cache: ``(cache + n x run) / n``, a run
+    being ``steps_per_run`` steps of the median step time."""
+    run_s = steps_per_run(grouped) * ours["summary"]["step_s"]
+    return {n: (ours["cache_s"] + n * run_s) / n for n in grouped["scaling_runs"]}
+
+
+def lora_report(results: list[dict[str, Any]], grouped: dict[str, Any]) -> list[str]:
+    """Markdown tables of the LoRA runs and of the align stage's cost per method run sharing one cache."""
+    lora, steps = results[0]["lora"], steps_per_run(grouped)
+    lines = [
+        "",
+        f"LoRA r {lora['r']} on the top {len(lora['layers_to_transform'])} layers, "
+        f"{grouped['prompts_per_step']} prompts x K={grouped['completions_per_prompt']} completions a step; "
+        f"amortised step = step + cache / (n_method_runs {grouped['n_method_runs']} x steps_per_run {steps})",
+        "",
+        "| run | step s (median, min-max) | cache s | amortised step s | pair tokens/step | tokens/s "
+        "(median, min-max) | TFLOP/step | % of matmul peak | setup s | peak RSS MiB | CUDA peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        s = result["summary"]
+        tflop = "-" if s["tflop_per_step"] is None else f"{s['tflop_per_step']:.3f}"
+        fraction = "-" if s["peak_fraction"] is None else f"{100 * s['peak_fraction']:.1f}"
+        cache = f"{result['cache_s']:.1f}" if "cache_s" in result else "-"
+        cuda = f"{result['cuda_peak_mib']:.0f}" if result["cuda_peak_mib"] is not None else "-"
+        lines.append(
+            f"| {result['name']} | {s['step_s']:.2f} ({s['step_s_min']:.2f}-{s['step_s_max']:.2f}) "
+            f"| {cache} | {s['amortised_step_s']:.3f} | {s['tokens_per_step']:.0f} "
+            f"| {s['tokens_per_s']:.0f} ({s['tokens_per_s_min']:.0f}-{s['tokens_per_s_max']:.0f}) "
+            f"| {tflop} | {fraction} | {result['setup_s']:.1f} | {result['peak_rss_mib']:.0f} | {cuda} |"
+        )
+    ours = next((r for r in results if "scaling" in r), None)
+    if ours is None:
+        return lines
+    lines += [
+        "",
+        f"Align stage on one trunk cache: total = cache {ours['cache_s']:.1f} s + n x run "
+        f"{steps * ours['summary']['step_s']:.1f} s (run = {steps} steps x median step)",
+        "",
+        "| method runs n | total s | s per method run |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {n} | {n * per_run:.1f} | {per_run:.1f} |" for n, per_run in ours["scaling"].items()]
+    return lines
 
 
 def plan(cfg: DictConfig) -> list[Run]:
@@ -393,16 +670,43 @@ def main(cfg: DictConfig) -> None:
         results.append(result)
         s = result["segments"]["base"]["summary"]
         print(f"{run['name']}: {s['tokens_per_s']:.0f} tokens/s, step {s['step_s']:.2f} s", flush=True)
-    lines = report(results, peak)
+    grouped, lora_results = plain_cfg["grouped"], []
+    for name in cfg.lora_variants:
+        result = in_fresh_process(plain_cfg, {"name": name, "kind": LORA_KINDS[name]}, lora_worker)
+        result["summary"] = summarise_lora(result, grouped, peak)
+        if "cache_s" in result:
+            result["scaling"] = trunk_scaling(result, grouped)
+        lora_results.append(result)
+        s = result["summary"]
+        print(f"{name}: {s['tokens_per_s']:.0f} tokens/s, step {s['step_s']:.2f} s", flush=True)
+    lines = (report(results, peak) if results else []) + (
+        lora_report(lora_results, grouped) if lora_results else []
+    )
     out = Path(HydraConfig.get().runtime.output_dir)
-    (out / "bench.json").write_text(json.dumps({"matmul_peak_flops": peak, "runs": results}, indent=2))
+    (out / "bench.json").write_text(
+        json.dumps({"matmul_peak_flops": peak, "runs": results, "lora_runs": lora_results}, indent=2)
+    )
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    ours, theirs = (
-        next(r for r in results if r["name"] == name)["segments"]["base"]["summary"] for name in cfg.headline
-    )
-    ours_rate, trl_rate = ours["tokens_per_s"], theirs["tokens_per_s"]
-    print(f"align_tokens_per_s ours={ours_rate:.1f} trl={trl_rate:.1f} ratio={ours_rate / trl_rate:.2f}")
+    by_name = {r["name"]: r["segments"]["base"]["summary"] for r in results}
+    if all(name in by_name for name in cfg.headline):
+        ours_rate, trl_rate = (by_name[name]["tokens_per_s"] for name in cfg.headline)
+        print(f"align_tokens_per_s ours={ours_rate:.1f} trl={trl_rate:.1f} ratio={ours_rate / trl_rate:.2f}")
+    lora_by_kind = {r["kind"]: r for r in lora_results}
+    if "ours" in lora_by_kind:
+        ours = lora_by_kind["ours"]
+        print(
+            f"ours_time_per_step = step_time + cache_time / (n_method_runs * steps_per_run)"
+            f" = {ours['summary']['step_s']:.3f} + {ours['cache_s']:.2f} /"
+            f" ({grouped['n_method_runs']} * {steps_per_run(grouped)}) s;"
+            " tokens = prompt + a + prompt + b of each pair trained, on both sides"
+        )
+        per_run = " ".join(f"n={n}:{seconds:.1f}" for n, seconds in ours["scaling"].items())
+        print(f"align_trunk_s_per_method_run {per_run}")
+    if {"ours", "trl"} <= lora_by_kind.keys():
+        ours_rate, trl_rate = (lora_by_kind[kind]["summary"]["tokens_per_s"] for kind in ("ours", "trl"))
+        ratio = ours_rate / trl_rate
+        print(f"align_lora_tokens_per_s ours={ours_rate:.1f} trl={trl_rate:.1f} ratio={ratio:.2f}")
 
 
 if __name__ == "__main__":

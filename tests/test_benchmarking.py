@@ -4,29 +4,38 @@ counts while an align step runs, the timer on sleeps of known length, and peak m
 import math
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from directalign.benchmarking import (
     BatchShape,
+    LoraCounts,
     ParameterCounts,
     StepTimer,
     align_batches,
     align_step_flops,
     align_step_positions,
     cuda_peak_mib,
+    grouped_step_positions,
+    lora_step_flops,
     matmul_peak_flops,
+    pair_tokens,
     peak_memory_mib,
     peak_rss_mib,
     time_calls,
     training_flops,
 )
 from directalign.logprobs import completion_logps
+from directalign.models import with_lora
+from directalign.pairs import collate_prompt_groups
 from directalign.prefix import shared_prompt_completion_logps
-from tests.conftest import tiny_llama
+from directalign.trunk import TopLayers
+from tests.conftest import TOP_LAYER_LORA, tiny_llama
 
 # tiny_llama(): hidden 32, intermediate 64, 2 layers, 4 heads of 8 (q: 32 wide), 2 KV heads (k, v: 16 wide)
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 32, 64, 2, 64
@@ -42,6 +51,27 @@ IDS = {
     "chosen_ids": [[13, 14], [15]],
     "rejected_ids": [[16, 17, 18], [19, 20]],
 }
+
+
+# Two prompt groups: a 3-token prompt with K = 3 completions of 2, 1 and 3 tokens (rewards falling: pairs
+# (0, 1), (0, 2), (1, 2)), and a 5-token prompt with K = 2 of 2 and 1 tokens (the second ranked first).
+GROUPS = [
+    {"prompt": [5, 6, 7], "completions": [[13, 14], [15], [16, 17, 18]], "pairs": [(0, 1), (0, 2), (1, 2)]},
+    {"prompt": [8, 9, 10, 11, 12], "completions": [[19, 20], [21]], "pairs": [(1, 0)]},
+]
+
+
+@pytest.fixture(scope="module")
+def grouped_batch() -> dict[str, torch.Tensor]:
+    groups = [
+        {
+            **group,
+            "ref_logps": [[0.0] * len(c) for c in group["completions"]],
+            "rewards": [0.0] * len(group["completions"]),
+        }
+        for group in GROUPS
+    ]
+    return collate_prompt_groups(groups, pad_id=0)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +113,60 @@ def test_align_step_flops_by_hand(pair_batch):
     # one logit per prompt and one per completion input: K = 2 + 8 = 10.
     assert align_step_positions(shape, share_prompt=True) == (18, 10)
     assert align_step_flops(shape, params, share_prompt=True) == 6 * 18592 * 18 + 6 * 2048 * 10 == 2_130_816
+
+
+def test_pair_tokens_count_each_pair_as_pair_rows(grouped_batch, pair_batch):
+    # Rows: 3 + 2, 3 + 1, 3 + 3, 5 + 2, 5 + 1 tokens; pairs (0, 1), (0, 2), (1, 2) and (4, 3).
+    assert pair_batch["attention_mask"].sum() == 3 + 2 + 5 + 1 + 3 + 3 + 5 + 2
+    assert pair_tokens(pair_batch) == 24
+    assert BatchShape.of(grouped_batch).tokens == 28
+    assert pair_tokens(grouped_batch) == (5 + 4) + (5 + 6) + (4 + 6) + (6 + 7) == 43
+
+
+def test_lora_step_flops_by_hand(grouped_batch):
+    shape = BatchShape.of(grouped_batch)
+    # 5 rows, prompt width 5, completion width 3: 2 prompts x 5 columns, then 5 rows x (3 - 1) completion
+    # inputs: T = 10 + 10 = 20; one logit per prompt and one per completion input: K = 2 + 10 = 12.
+    assert (shape.rows, shape.width, shape.completion_width) == (5, 8, 3)
+    assert grouped_step_positions(shape, prompts=2) == (20, 12)
+    model = with_lora(tiny_llama(), OmegaConf.create(TOP_LAYER_LORA))
+    counts = LoraCounts.of(model, first_layer=1)
+    # Frozen on top: layer 1's matmul weights and two norms, and the final norm; adapters r = 4 on q
+    # (32 -> 32: 4 x 32 + 32 x 4) and v (32 -> 16: 4 x 32 + 16 x 4); reading the trunk's states: q, k
+    # and v (32 x 32 + 2 x 16 x 32) and the two lora_A (4 x 32 each).
+    top = ParameterCounts(non_embedding=MATMUL_WEIGHTS // 2 + 2 * HIDDEN + HIDDEN, head=HEAD)
+    assert counts == LoraCounts(top=top, adapters=(128 + 128) + (128 + 64), constant_input=2048 + 256)
+    assert counts == LoraCounts(
+        ParameterCounts(non_embedding=9312, head=2048), adapters=448, constant_input=2304
+    )
+    flops = (4 * 9312 + 6 * 448 - 2 * 2304) * 20 + 4 * 2048 * 12
+    assert lora_step_flops(shape, 2, counts) == flops == 4 * 9312 * 20 + 98_304 + 53_760 - 92_160 == 804_864
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]],
+    ids=["q-v", "all-seven"],
+)
+def test_lora_flop_model_counts_the_matmuls_the_trunk_step_runs(grouped_batch, targets):
+    """torch's count of the weight matmuls of a forward and backward of the top layer on trunk states
+    equals ``lora_step_flops`` with ``N`` the matmul weights (norms are elementwise)."""
+    model = with_lora(tiny_llama(), OmegaConf.create({**TOP_LAYER_LORA, "target_modules": targets})).train()
+    width = grouped_batch["completion_mask"].shape[1]
+    states = torch.randn(*grouped_batch["input_ids"].shape, HIDDEN)
+    with FlopCounterMode(display=False) as counter:
+        shared_prompt_completion_logps(
+            TopLayers(model, 1),
+            grouped_batch["input_ids"],
+            grouped_batch["attention_mask"],
+            width,
+            grouped_batch["prompt_index"],
+            states,
+        ).sum().backward()
+    counted = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+    counts = LoraCounts.of(model, first_layer=1)
+    matmuls = replace(counts, top=ParameterCounts(non_embedding=MATMUL_WEIGHTS // 2, head=HEAD))
+    assert counted == lora_step_flops(BatchShape.of(grouped_batch), 2, matmuls)
 
 
 @pytest.mark.parametrize(

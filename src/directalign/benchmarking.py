@@ -21,7 +21,9 @@ when the embeddings are tied, but an untied head would sit in ``P - E`` and be c
 position, and its head term missed one position a row, since ``completion_logps`` asks for
 ``C + 1`` logits (the last prompt position predicts the first completion token). Counting the head
 apart, at the positions that really go through it, is what lets the count follow what executes:
-prompt sharing and TRL's compact head change ``K`` and ``T``, not the formula.
+prompt sharing and TRL's compact head change ``K`` and ``T``, not the formula. A LoRA step on the
+frozen trunk's states (``lora_step_flops``) runs only the top layers and trains only the adapters,
+so its frozen weights cost 4 FLOPs a position (forward, and the gradient to their input), not 6.
 """
 
 import math
@@ -185,13 +187,77 @@ def align_step_positions(shape: BatchShape, share_prompt: bool) -> tuple[int, in
     rows, width, completion = shape.rows, shape.width, shape.completion_width
     if not share_prompt:
         return rows * width, rows * (completion + 1)
-    pairs, prompt = rows // 2, width - completion
-    return pairs * prompt + rows * (completion - 1), pairs + rows * (completion - 1)
+    return grouped_step_positions(shape, prompts=rows // 2)
+
+
+def grouped_step_positions(shape: BatchShape, prompts: int) -> tuple[int, int]:
+    """Positions ``T`` and ``K`` of a step on shared prompts: the ``G`` distinct prompts run once, one
+    logit each, then the ``R`` rows' completions but the last token, each with its logits. A pair batch
+    has ``G = B``; a prompt-grouped batch (``pairs.collate_prompt_groups``) one per prompt."""
+    rows, completion = shape.rows, shape.completion_width
+    prompt = shape.width - completion
+    return prompts * prompt + rows * (completion - 1), prompts + rows * (completion - 1)
 
 
 def align_step_flops(shape: BatchShape, params: ParameterCounts, share_prompt: bool) -> int:
     """FLOPs one training step of the align stage executes on a batch of this padded shape."""
     return training_flops(params, *align_step_positions(shape, share_prompt))
+
+
+@dataclass(frozen=True)
+class LoraCounts:
+    """The FLOP model's counts of a step that trains LoRA adapters on layers ``first_layer`` and up and
+    runs only those layers, on the frozen trunk's states (``trunk.py``): ``top.non_embedding`` (``N``)
+    the frozen weights of those layers and the final norm, ``top.head`` (``H``) the LM head,
+    ``adapters`` (``A``) the trained weights, and ``constant_input`` (``Q``) the weights that read the
+    trunk's states themselves (the first trained layer's q, k and v, and their adapters' ``lora_A``)."""
+
+    top: ParameterCounts
+    adapters: int
+    constant_input: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, first_layer: int) -> "LoraCounts":
+        from directalign.trunk import causal_lm
+
+        lm = causal_lm(model)
+        modules = [*lm.model.layers[first_layer:], lm.model.norm]
+        frozen = sum(p.numel() for module in modules for p in module.parameters() if not p.requires_grad)
+        attention = lm.model.layers[first_layer].self_attn
+        constant_input = sum(
+            p.numel()
+            for projection in (attention.q_proj, attention.k_proj, attention.v_proj)
+            for name, p in projection.named_parameters()
+            if "lora_B" not in name
+        )
+        return cls(
+            top=ParameterCounts(non_embedding=frozen, head=lm.get_output_embeddings().weight.numel()),
+            adapters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            constant_input=constant_input,
+        )
+
+
+def lora_step_flops(shape: BatchShape, prompts: int, counts: LoraCounts) -> int:
+    """FLOPs of one align step on a prompt-grouped batch of ``prompts`` prompts over the trunk's states:
+    ``4 N T + 4 H K + 6 A T - 2 Q T`` over the positions of ``grouped_step_positions``.
+
+    A frozen weight runs forward (2 a position) and passes the gradient to its input (2), but computes
+    no gradient of its own; an adapter also computes its own (6). A weight whose input is the trunk's
+    constant states passes no gradient back (``- 2 Q T``). The layers below ``first_layer`` and the
+    embedding do not run at all.
+    """
+    positions, head_positions = grouped_step_positions(shape, prompts)
+    top = counts.top
+    weights = 4 * top.non_embedding + 6 * counts.adapters - 2 * counts.constant_input
+    return weights * positions + 4 * top.head * head_positions
+
+
+def pair_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of the batch's pairs laid out as pair rows: ``prompt + a + prompt + b`` a pair, whatever
+    layout the batch runs in. A pair batch's ``attention_mask.sum()``, and what TRL's batch of the same
+    pairs holds, so a prompt-grouped batch gets no credit for the rows and prompts it shares."""
+    row_tokens = batch["attention_mask"].sum(-1)
+    return int(row_tokens[batch["pair_a"]].sum() + row_tokens[batch["pair_b"]].sum())
 
 
 def benchmark_architecture(cfg: dict[str, Any]) -> tuple["PretrainedConfig", "PreTrainedTokenizerBase"]:
@@ -252,9 +318,11 @@ def time_align_steps(
     method_cfg: "DictConfig",
     trainer_kwargs: dict[str, Any],
     timer: StepTimer,
+    first_layer: int | None = None,
 ) -> None:
     """Train the pipeline's align step (AlignModule in a Lightning Trainer) on ``batches`` in order,
-    each step timed from the batch in hand to the end of the optimizer step."""
+    each step timed from the batch in hand to the end of the optimizer step. ``first_layer``: the
+    batches carry the frozen trunk's states and only the layers from it up run."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -276,4 +344,5 @@ def time_align_steps(
         enable_progress_bar=False,
         callbacks=[Record()],
     )
-    trainer.fit(AlignModule(model.train(), align_cfg, method_cfg), DataLoader(batches, batch_size=None))
+    module = AlignModule(model.train(), align_cfg, method_cfg, first_layer)
+    trainer.fit(module, DataLoader(batches, batch_size=None))
