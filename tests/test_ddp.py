@@ -242,7 +242,8 @@ def test_pipeline_on_two_ranks_shards_sampling_and_only_rank_zero_writes(tmp_pat
     evaluations = sorted(store.glob(f"evaluate/*/{MANIFEST}"))
     assert [json.loads(m.read_text())["metrics"]["world_size"] for m in evaluations] == [2, 2, 2]
     with (tmp_path / "results" / "summary.csv").open() as handle:
-        assert [row.split(",")[0] for row in handle.read().splitlines()[1:]] == ["sft", "dpo", "copg"]
+        rows = [row.split(",")[0] for row in handle.read().splitlines()[1:]]
+        assert rows == ["sft", "dpo", "copg", "best_of_1", "best_of_2", "best_of_4"]
     stages = ("sft", "reward", "generate", "align")
     folders = {stage: len(list(store.glob(f"{stage}/*/"))) for stage in stages}
     assert folders == {"sft": 1, "reward": 1, "generate": 1, "align": 2}
