@@ -18,11 +18,13 @@
 | artifact file changed or cut short    | Store.load                    | CorruptArtifactError naming it  |
 | disk full while writing a manifest    | Store.run                     | no manifest, no temporary file  |
 | truncated last.ckpt (test_resume.py)  | resume_checkpoint             | removed, stage starts over      |
+| each row of CUSTOM_ERRORS (own data)  | validate_config, read splits  | one line: file, column or row   |
 """
 
 import errno
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +54,7 @@ from directalign.validation import (
     check_task_data,
     validate_config,
 )
-from tests.conftest import MINI_SMOKE, ROOT, completed, compose_config, reuse_tokenizer
+from tests.conftest import MINI_SMOKE, ROOT, completed, compose_config, mini_smoke_command, reuse_tokenizer
 
 CONFIG_ERRORS = [
     pytest.param(["method.beta=0"], r"^method\.beta=0 must be > 0$", id="beta-zero"),
@@ -392,9 +394,14 @@ def test_nonfinite_reward_at_evaluation_is_refused_naming_the_row(mini_context, 
     ctx, reference = mini_context
     monkeypatch.setattr(artifacts, "Scorer", non_finite_scorer(artifacts.Scorer))
     sft, reward_model = completed(reference, SFT), completed(reference, REWARD)
+    # SFT's samples (its best-of-n pool) are scored in one call: NaN at 0, 5, 10..., inf at 2, 7, 12...
+    evaluation = ctx.cfg.stage.evaluate
+    n_scored = evaluation.n_prompts * max(evaluation.n_samples, *evaluation.best_of_n)
+    n_broken = len(range(0, n_scored, 5)) + len(range(2, n_scored, 5))
     with pytest.raises(
         DataError,
-        match=r"non-finite reward \(proxy nan, gold .*\) for row 0 \(id '.*'\) of split 'eval', and 3 more$",
+        match=r"non-finite reward \(proxy nan, gold .*\) for row 0 \(id '.*'\) of split 'eval',"
+        rf" and {n_broken - 1} more$",
     ):
         EVALUATE.run(ctx, {"sft": sft, "reward": reward_model, "policy": sft})
 
@@ -488,3 +495,102 @@ def test_disk_full_while_writing_a_manifest_leaves_nothing_to_trust(tmp_path, mo
     folder = store.path("sft", stage_key("sft", {}, {}))
     assert sorted(p.name for p in folder.iterdir()) == ["weights.bin"]
     assert store.run("sft", {}, {}, lambda folder: {}).path == folder
+
+
+# task=custom: the user's own files, each bad one refused before any compute (README "Your own data").
+CUSTOM = ROOT / "tests" / "fixtures" / "custom"
+CUSTOM_DIR = re.escape(str(CUSTOM))
+CUSTOM_ERRORS = [
+    pytest.param([], r"^task\.data: set exactly one of path \(local files\) or hub_id$", id="custom-no-data"),
+    pytest.param(
+        [f"task.data.path={CUSTOM}/no_such.jsonl"],
+        rf"^task\.data\.path: {CUSTOM_DIR}/no_such\.jsonl does not exist$",
+        id="custom-missing-file",
+    ),
+    pytest.param(
+        [f"task.data.path={ROOT}/README.md"],
+        r"^task\.data\.path: cannot tell the format of .*README\.md from its suffix '\.md'; set"
+        r" task\.data\.builder to json, csv or parquet$",
+        id="custom-unknown-suffix",
+    ),
+    pytest.param(
+        [f"task.data.path={CUSTOM}/malformed.jsonl"],
+        rf"^{CUSTOM_DIR}/malformed\.jsonl: cannot be read as json: JSON parse error: .* in row 1$",
+        id="custom-malformed-file",
+    ),
+    pytest.param(
+        [f"task.data.path={CUSTOM}/prompt_completion.jsonl", "task.columns.completion=answer"],
+        rf"^{CUSTOM_DIR}/prompt_completion\.jsonl: missing column 'answer' \(task\.columns\.completion\) of"
+        r" the prompt-completion format; it has \['prompt', 'completion'\]$",
+        id="custom-missing-column",
+    ),
+    pytest.param(
+        [
+            f"task.data.path={CUSTOM}/prompt_completion.jsonl",
+            f"task.preferences.path={CUSTOM}/prompt_completion.jsonl",
+        ],
+        rf"^{CUSTOM_DIR}/prompt_completion\.jsonl: missing column 'chosen' \(task\.columns\.chosen\) of the"
+        r" preference format; it has \['prompt', 'completion'\]$",
+        id="custom-preferences-without-pairs",
+    ),
+    pytest.param(
+        [
+            f"task.data.path={CUSTOM}/prompt_completion.jsonl",
+            "task.split_fractions={sft: 0.9, preference: 0.1, offpolicy: 0.0, eval: 0.0}",
+        ],
+        rf"^task 'custom': split 'offpolicy' is empty \(from {CUSTOM_DIR}/prompt_completion\.jsonl \(40"
+        r" examples\)\); give it a share of task\.split_fractions or a dataset split in task\.data\.splits$",
+        id="custom-empty-split",
+    ),
+    pytest.param(
+        [f"task.data.path={CUSTOM}/identical.jsonl"],
+        rf"^{CUSTOM_DIR}/identical\.jsonl: none of its 6 preference pairs is usable \(each has an empty text"
+        r" or chosen identical to rejected\)$",
+        id="custom-all-pairs-identical",
+    ),
+    pytest.param(
+        [f"task.data.path={CUSTOM}/system_prompt.jsonl"],
+        rf"^{CUSTOM_DIR}/system_prompt\.jsonl, row 0: a conversational prompt must be one user message, got"
+        r" roles \['system', 'user'\] \(set model\.system_prompt for a system prompt; multi-turn prompts are"
+        r" not supported\)$",
+        id="custom-system-message",
+    ),
+    pytest.param(
+        [f"task.data.path={CUSTOM}/image_content.jsonl"],
+        rf"^{CUSTOM_DIR}/image_content\.jsonl, row 0: message content is list, not text; only text messages"
+        r" can be rendered$",
+        id="custom-non-text-content",
+    ),
+    pytest.param(
+        [f"task.data.path={CUSTOM}/plain.jsonl"],
+        rf"^{CUSTOM_DIR}/plain\.jsonl: plain text \(column 'text'\) has no prompt; set task\.text_separator"
+        r" to cut each text into a prompt and its completion$",
+        id="custom-plain-text-without-separator",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), CUSTOM_ERRORS)
+def test_bad_custom_data_is_refused_in_one_line_before_any_compute(overrides, message, tmp_path):
+    """What run_pipeline does before the first stage: validate the config, then read every split."""
+    cfg = compose_config(["experiment=smoke", "task=custom", *overrides], tmp_path)
+    with pytest.raises((ConfigError, DataError), match=message):
+        validate_config(cfg)
+        check_task_data(build_task(cfg.task, tmp_path / "cache"))
+
+
+def test_cli_refuses_bad_custom_data_before_writing_to_the_store(tmp_path):
+    overrides = [
+        "task=custom",
+        f"task.data.path={CUSTOM}/prompt_completion.jsonl",
+        "task.columns.prompt=question",
+    ]
+    result = subprocess.run(
+        mini_smoke_command(tmp_path, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.match(
+        r"^directalign: .*prompt_completion\.jsonl: missing column 'question' \(task\.columns\.prompt\)",
+        result.stderr.strip().splitlines()[-1],
+    )
+    assert not [path for path in (tmp_path / "store").glob("*/*") if path.parent.name != "tasks"]

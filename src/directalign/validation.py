@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from directalign.errors import ConfigError, DataError
 from directalign.losses import LOSS_NAMES
 from directalign.tasks.base import EXAMPLE_COLUMNS, SPLITS
+from directalign.tasks.custom import CustomTask
+from directalign.tasks.custom import check_config as check_custom_task
 
 if TYPE_CHECKING:
     from directalign.tasks.base import Task
@@ -254,6 +256,12 @@ def _check_compare(cfg: DictConfig, overrides: Sequence[str]) -> None:
         _check_method(f"compare.{name}", method)
 
 
+def _check_custom_task(cfg: DictConfig) -> None:
+    """task=custom reads the user's files: a missing one is refused here, before any compute."""
+    if cfg.task.cls == f"{CustomTask.__module__}.{CustomTask.__qualname__}":
+        check_custom_task(cfg.task)
+
+
 def validate_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     """Raise ConfigError on the first value that cannot work; it reads no data and loads no model.
     ``overrides`` are the command line's (Hydra's), checked against ``compare``."""
@@ -267,6 +275,7 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     _check_lengths(cfg)
     _check_stages(cfg)
     _check_sources(cfg)
+    _check_custom_task(cfg)
 
 
 def require_columns(where: str, columns: Sequence[str], required: Iterable[str]) -> None:
