@@ -2,7 +2,7 @@
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,8 @@ class StageContext:
     cfg: DictConfig
     store: Store
     task: Task
+    # Scorers by reward artifact: loaded once per run, not once per stage or per call.
+    scorers: dict[str, Scorer] = field(default_factory=dict, repr=False)
 
     def for_method(self, name: str, method: DictConfig, seed: int) -> "StageContext":
         """This context with ``method`` set to one method to align, under its one name, trained with one
@@ -90,7 +92,9 @@ class StageContext:
 
     def scorer(self, reward: "RewardArtifact") -> Scorer:
         """The learned reward model and the task's gold judge, on this rank's device."""
-        return reward.scorer(self.task.gold_judge(), self.device)
+        if reward.ref not in self.scorers:
+            self.scorers[reward.ref] = reward.scorer(self.task.gold_judge(), self.device)
+        return self.scorers[reward.ref]
 
     def seed(self, offset: int = 0) -> int:
         seed = self.cfg.seed + offset
