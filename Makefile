@@ -46,9 +46,11 @@ headlines: install  ## The default experiment: news headlines with SmolLM2-135M 
 
 reproduce: bandit length-bandit headlines  ## Everything results/ shows: the bandits and the headlines experiment
 
-beta-sweep: install  ## The small sweep that picked the headlines betas (results/headlines/beta_sweep.md)
-	$(PY) pipelines/run.py -m experiment=beta_sweep method=dpo,ipo,copg method.beta=0.03,0.1,0.3
-	$(PY) pipelines/run.py -m experiment=beta_sweep method=avg_dpo,avg_ipo,avg_copg method.beta=0.3,1,3
+beta-sweep: install  ## Pick each headlines method's beta on held-out prompts (results/headlines/beta_sweep/)
+	$(PY) pipelines/run.py -m experiment=beta_sweep method=dpo,copg method.beta=0.03,0.1,0.3
+	$(PY) pipelines/run.py -m experiment=beta_sweep method=ipo method.beta=0.01,0.03,0.1
+	$(PY) pipelines/run.py -m experiment=beta_sweep method=avg_dpo method.beta=0.5,2,8
+	$(PY) pipelines/run.py -m experiment=beta_sweep method=avg_ipo method.beta=0.2,0.6,2
 
 sweep: install  ## Paper B's beta grids on the default task (two multiruns, one sweep report)
 	$(PY) pipelines/run.py -m experiment=sweep method=copg,dpo method.beta=0.01,0.03,0.06,0.1,0.3,1
