@@ -1,9 +1,12 @@
-"""Gather the jobs of a multirun into one sweep report: `python pipelines/sweep_report.py <sweep dir>`.
+"""Gather the jobs of a multirun into one sweep report:
+`python pipelines/sweep_report.py <sweep dir> [--out DIR] [--matched-kl KL ...]`.
 
 Hydra writes the same report when a multirun ends (the SweepReport callback); this reruns it, for
-instance after a sweep whose jobs ran on a cluster or were completed by hand.
+instance after a sweep whose jobs ran on a cluster or were completed by hand, or to copy it into
+results/.
 """
 
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -11,15 +14,22 @@ from pathlib import Path
 from directalign.sweep import write_sweep_report
 
 
-def main(sweep_dir: str) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="report folder (default <sweep dir>/sweep_report)"
+    )
+    parser.add_argument(
+        "--matched-kl", type=float, nargs="*", default=[], help="KLs (nats) to compare methods at"
+    )
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = write_sweep_report(Path(sweep_dir))
+    out = write_sweep_report(args.sweep_dir, args.out, args.matched_kl)
     if out is None:
-        sys.exit(f"no evaluated job (results/summary.csv) under {sweep_dir}")
+        sys.exit(f"no evaluated job (results/policies.json) under {args.sweep_dir}")
     print(out)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__.splitlines()[0])
-    main(sys.argv[1])
+    main()

@@ -1,6 +1,7 @@
 """Sweeps: the sweep report over jobs' results, and a real multirun that shares its upstream stages."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -9,33 +10,40 @@ from pathlib import Path
 import pytest
 
 from directalign.report import SUMMARY_COLUMNS, PolicyResult, write_policies, write_table
-from directalign.sweep import REPORT_DIR, write_sweep_report
+from directalign.sweep import PICKS_FILE, REPORT_DIR, write_sweep_report
 from tests.conftest import ROOT
 from tests.test_wandb import read_offline_run
 
 
-def fake_job(folder: Path, method: str, beta: float, gold: float) -> None:
-    """A job's results folder as the pipeline writes it: the SFT row, then the aligned policy."""
+def fake_job(folder: Path, method: str, beta: float, proxy: float, kl: float | None = None) -> None:
+    """A job's results folder as the pipeline writes it: the SFT row, the aligned policy (gold half its
+    proxy), then best-of-2 over the SFT samples."""
     folder.mkdir(parents=True)
 
-    def row(name, b, a, proxy, gold_reward, length):
+    def row(name, b, a, proxy_reward, kl_to_ref, length):
         return {
             "method": name,
             "beta": b,
             "length_power": a,
-            "proxy_reward": proxy,
-            "gold_reward": gold_reward,
+            "proxy_reward": proxy_reward,
+            "proxy_se": 0.01,
+            "gold_reward": proxy_reward / 2,
+            "gold_se": 0.02,
             "length_tokens": length,
-            "kl_to_ref": 0.0 if b is None else 1 / beta,
+            "kl_to_ref": kl_to_ref,
             "win_rate_vs_sft": 0.5,
             "n_prompts": 8,
             "seed": 0,
         }
 
-    rows = [row("sft", None, None, 0.0, 0.1, 10.0), row(method, beta, 0.0, gold + 1, gold, 12.0 + beta)]
+    rows = [
+        row("sft", None, None, 0.0, 0.0, 10.0),
+        row(method, beta, 0.0, proxy, 1 / beta if kl is None else kl, 12.0 + beta),
+    ]
     rows = [{column: None for column in SUMMARY_COLUMNS} | r for r in rows]
+    frontier = [{column: None for column in SUMMARY_COLUMNS} | row("best_of_2", None, None, 0.3, 0.193, 10.0)]
     curve = [
-        {"step": s, "proxy_reward": s * gold, "gold_reward": s * gold / 2, "length_tokens": 12.0}
+        {"step": s, "proxy_reward": s * proxy, "gold_reward": s * proxy / 2, "length_tokens": 12.0}
         for s in (0, 2)
     ]
     results = [
@@ -43,14 +51,14 @@ def fake_job(folder: Path, method: str, beta: float, gold: float) -> None:
         PolicyResult(method, beta, 0.0, {}, [], curve, f"align/{method}{beta}"),
     ]
     write_table(rows, SUMMARY_COLUMNS, folder / "summary.csv")
-    write_policies(results, rows, [], folder)
+    write_policies(results, rows, frontier, folder)
 
 
-def test_sweep_report_picks_each_methods_best_beta_by_gold(tmp_path):
-    grid = {"dpo": {0.03: 0.2, 0.1: 0.5, 0.3: 0.4}, "ipo": {0.01: 0.6, 0.1: 0.3}}
-    for method, golds in grid.items():
-        for beta, gold in golds.items():
-            fake_job(tmp_path / f"{method}_{beta}" / "results", method, beta, gold)
+def test_sweep_report_picks_each_methods_beta_by_proxy_and_says_whether_interior(tmp_path):
+    grid = {"dpo": {0.03: 0.2, 0.1: 0.5, 0.3: 0.4}, "ipo": {0.01: 0.6, 0.03: 0.5, 0.1: 0.3}}
+    for method, proxies in grid.items():
+        for beta, proxy in proxies.items():
+            fake_job(tmp_path / f"{method}_{beta}" / "results", method, beta, proxy)
 
     out = write_sweep_report(tmp_path)
 
@@ -62,16 +70,37 @@ def test_sweep_report_picks_each_methods_best_beta_by_gold(tmp_path):
         ("dpo", 0.1),
         ("dpo", 0.3),
         ("ipo", 0.01),
+        ("ipo", 0.03),
         ("ipo", 0.1),
     ]
     assert rows[0]["job"] == "dpo_0.03/results"
+    picks = json.loads((out / PICKS_FILE).read_text())
+    assert (picks["dpo"]["beta"], picks["dpo"]["interior"]) == (0.1, True)
+    assert (picks["ipo"]["beta"], picks["ipo"]["interior"]) == (0.01, False)
+    assert picks["ipo"]["grid"] == [0.01, 0.03, 0.1]
     summary = (out / "sweep_summary.md").read_text()
-    assert (
-        "**dpo**: beta 0.1 (gold_reward 0.5)" in summary and "**ipo**: beta 0.01 (gold_reward 0.6)" in summary
-    )
-    for plot in ("reward_vs_beta.png", "reward_vs_step_best_beta.png"):
+    assert "**dpo**: beta 0.1 (proxy 0.5 ± 0.01, gold 0.25, KL 10); grid 0.03, 0.1, 0.3: interior" in summary
+    assert "**ipo**: beta 0.01 (proxy 0.6" in summary and "at the grid's lowest beta" in summary
+    for plot in ("reward_vs_beta.png", "reward_vs_kl.png", "reward_vs_step_best_beta.png"):
         assert (out / plot).stat().st_size > 0, plot
     assert write_sweep_report(tmp_path) == out, "a rerun must not read its own report as a job"
+
+
+def test_scores_at_matched_kl_are_interpolated_along_each_methods_betas(tmp_path):
+    # dpo at KL 1 (proxy 0.2) and KL 3 (proxy 0.6); copg at KL 2.5 only (no curve to read).
+    fake_job(tmp_path / "a" / "results", "dpo", 0.3, 0.2, kl=1.0)
+    fake_job(tmp_path / "b" / "results", "dpo", 0.1, 0.6, kl=3.0)
+    fake_job(tmp_path / "c" / "results", "copg", 0.1, 0.9, kl=2.5)
+
+    out = write_sweep_report(tmp_path, tmp_path / "report", matched_kl=[1.5, 4.0])
+
+    with (out / "matched_kl.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    # A quarter of the way from KL 1 to KL 3: 0.2 + 0.25 * 0.4 = 0.3 proxy, gold half of it.
+    assert row["method"] == "dpo" and float(row["kl_to_ref"]) == 1.5
+    assert float(row["proxy_reward"]) == pytest.approx(0.3)
+    assert float(row["gold_reward"]) == pytest.approx(0.15)
+    assert row["betas"] == "0.1-0.3"
 
 
 def test_sweep_report_of_a_sweep_without_evaluations_is_skipped(tmp_path):

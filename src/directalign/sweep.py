@@ -2,16 +2,21 @@
 
 Each job of the sweep evaluates its own policy into its results folder (summary.csv and
 policies.json, see report.py); this module reads every job back and writes, into
-``<sweep dir>/sweep_report/``: one table row per aligned policy, the final reward against beta per
-method with the length of generations beside it, and the reward against step at each method's best
-beta, for the proxy reward model and the gold judge. Hydra runs it when a multirun ends (the
-``SweepReport`` callback); ``pipelines/sweep_report.py <sweep dir>`` runs it by hand.
+``<sweep dir>/sweep_report/``: one table row per aligned policy; each method's pick, the beta of
+highest proxy reward (the CoPG paper's rule: the reward model is what a user has, the gold judge
+stays unseen), with whether it is interior to its grid (``picks.json``); the final reward against
+beta and against KL(policy || SFT) with best-of-n over SFT samples as the frontier; the scores read
+off each method's curve at matched KLs (``matched_kl.md``); and the reward against step at each
+pick. Hydra runs it when a multirun ends (the ``SweepReport`` callback);
+``pipelines/sweep_report.py <sweep dir>`` runs it by hand.
 """
 
 import csv
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +25,16 @@ from omegaconf import DictConfig
 
 from directalign.distributed import is_rank_zero
 from directalign.plots import plt, save_figure
-from directalign.report import POLICIES_FILE, SUMMARY_COLUMNS, format_cell
+from directalign.report import POLICIES_FILE, SUMMARY_COLUMNS, format_cell, write_table
 
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "sweep_report"
+PICKS_FILE = "picks.json"
 SWEEP_COLUMNS = ("job", *SUMMARY_COLUMNS)
+# The metric a beta is picked on.
+SELECTION_METRIC = "proxy_reward"
+MATCHED_COLUMNS = ("method", "kl_to_ref", "proxy_reward", "proxy_se", "gold_reward", "gold_se", "betas")
 SERIES = (
     ("proxy_reward", "proxy reward (learned RM)"),
     ("gold_reward", "gold reward"),
@@ -33,20 +42,27 @@ SERIES = (
 )
 
 
-def collect_jobs(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The aligned policies of every job (each with its job folder and reward curve), and the
-    SFT baselines the jobs report (one per distinct upstream, usually exactly one)."""
-    rows, baselines = [], []
+def collect_jobs(
+    sweep_dir: Path,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The aligned policies of every job (each with its job folder and reward curve), the SFT
+    baselines the jobs report (one per distinct upstream, usually exactly one), and the best-of-n rows
+    over those baselines' samples (each once)."""
+    rows, baselines, frontier = [], [], []
     for records in sorted(sweep_dir.rglob(POLICIES_FILE)):
         if REPORT_DIR in records.relative_to(sweep_dir).parts:
             continue
         for record in json.loads(records.read_text()):
             if record["kind"] == "baseline" and record["policy"] not in [b["policy"] for b in baselines]:
                 baselines.append(record)
+            seen = [(f["policy"], f["method"]) for f in frontier]
+            if record["kind"] == "best_of_n" and (record["policy"], record["method"]) not in seen:
+                frontier.append(record)
             if record["kind"] == "aligned":
                 rows.append(record | {"job": records.parent.relative_to(sweep_dir).as_posix()})
     rows.sort(key=lambda r: (r["method"], r["length_power"], r["beta"]))
-    return rows, baselines
+    frontier.sort(key=lambda r: r["kl_to_ref"])
+    return rows, baselines, frontier
 
 
 def method_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -61,13 +77,75 @@ def method_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     return dict(groups)
 
 
-def selection_key(rows: list[dict[str, Any]]) -> str:
-    """Best beta by the gold judge where every job has it (the real objective), else by the proxy."""
-    return "gold_reward" if all(r["gold_reward"] is not None for r in rows) else "proxy_reward"
+@dataclass
+class Pick:
+    """A method's selected beta: the highest proxy reward of its grid, and whether the grid brackets it
+    (a pick at either end of the grid may lie beyond it: extend the grid that way)."""
+
+    method: str
+    beta: float
+    length_power: float
+    proxy_reward: float
+    proxy_se: float | None
+    gold_reward: float | None
+    kl_to_ref: float | None
+    grid: list[float]
+    interior: bool
+
+    @property
+    def edge(self) -> str:
+        if self.interior:
+            return "interior"
+        if len(self.grid) < 3:
+            return f"not bracketed: {len(self.grid)} betas"
+        return "at the grid's " + ("lowest" if self.beta == min(self.grid) else "highest") + " beta"
 
 
-def best_rows(groups: dict[str, list[dict[str, Any]]], key: str) -> dict[str, dict[str, Any]]:
-    return {name: max(group, key=lambda r: r[key]) for name, group in groups.items()}
+def picks_of(groups: dict[str, list[dict[str, Any]]]) -> dict[str, Pick]:
+    """Each method's beta of highest proxy reward, with its grid."""
+    picks = {}
+    for name, group in groups.items():
+        best = max(group, key=lambda r: r[SELECTION_METRIC])
+        grid = sorted(r["beta"] for r in group)
+        picks[name] = Pick(
+            method=best["method"],
+            beta=best["beta"],
+            length_power=best["length_power"],
+            proxy_reward=best["proxy_reward"],
+            proxy_se=best.get("proxy_se"),
+            gold_reward=best.get("gold_reward"),
+            kl_to_ref=best.get("kl_to_ref"),
+            grid=grid,
+            interior=len(grid) >= 3 and min(grid) < best["beta"] < max(grid),
+        )
+    return picks
+
+
+def at_kl(group: list[dict[str, Any]], kl: float) -> dict[str, Any] | None:
+    """A method's scores at ``kl``, linearly interpolated between the two betas whose KLs bracket it
+    (standard errors interpolated likewise, an approximation); None outside the swept KLs."""
+    points = sorted(group, key=lambda r: r["kl_to_ref"])
+    for low, high in zip(points, points[1:], strict=False):
+        if low["kl_to_ref"] <= kl <= high["kl_to_ref"]:
+            span = high["kl_to_ref"] - low["kl_to_ref"]
+            weight = 0.0 if span == 0 else (kl - low["kl_to_ref"]) / span
+            betas = sorted((low["beta"], high["beta"]))
+            row = {"kl_to_ref": kl, "betas": f"{betas[0]:g}-{betas[1]:g}"}
+            for key in ("proxy_reward", "proxy_se", "gold_reward", "gold_se"):
+                both = (low.get(key), high.get(key))
+                row[key] = None if None in both else (1 - weight) * both[0] + weight * both[1]
+            return row
+    return None
+
+
+def matched_kl_rows(groups: dict[str, list[dict[str, Any]]], kls: Sequence[float]) -> list[dict[str, Any]]:
+    """Every method's scores read off its beta curve at each of ``kls`` (where its sweep reaches)."""
+    return [
+        {"method": name} | row
+        for kl in kls
+        for name, group in groups.items()
+        if (row := at_kl(group, kl)) is not None
+    ]
 
 
 def _series(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -94,6 +172,44 @@ def plot_reward_vs_beta(
     save_figure(fig, "Final reward and length of generations against beta", path)
 
 
+def plot_reward_vs_kl(
+    groups: dict[str, list[dict[str, Any]]], frontier: list[dict[str, Any]], path: Path
+) -> None:
+    """Final reward against KL(policy || SFT), one line per method across its betas (standard-error
+    bars), best-of-n over SFT samples dashed: a method above the dashed line at the same KL does
+    better than picking among SFT samples."""
+    series = [s for s in _series([r for group in groups.values() for r in group]) if s[0] != "length_tokens"]
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], series, strict=True):
+        se = key.replace("_reward", "_se")
+        if frontier and all(f.get(key) is not None for f in frontier):
+            ax.plot(
+                [f["kl_to_ref"] for f in frontier],
+                [f[key] for f in frontier],
+                "k--",
+                marker="s",
+                ms=4,
+                label="best-of-n over SFT",
+            )
+        for name, group in groups.items():
+            points = sorted(group, key=lambda r: r["kl_to_ref"])
+            ax.errorbar(
+                [r["kl_to_ref"] for r in points],
+                [r[key] for r in points],
+                xerr=[r.get("kl_se") or 0.0 for r in points],
+                yerr=[r.get(se) or 0.0 for r in points],
+                marker="o",
+                ms=4,
+                capsize=2,
+                label=name,
+            )
+        ax.set_xlabel("KL(policy || SFT), nats")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    save_figure(fig, "Final reward against KL, each method across its betas", path)
+
+
 def plot_best_curves(best: dict[str, dict[str, Any]], path: Path) -> None:
     """Reward (proxy, gold) and length against optimiser step at each method's best beta."""
     points = [p for row in best.values() for p in row["curve"]]
@@ -110,14 +226,17 @@ def plot_best_curves(best: dict[str, dict[str, Any]], path: Path) -> None:
     save_figure(fig, "Reward during alignment at each method's best beta", path)
 
 
-def write_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path | None:
-    """Gather the jobs under ``sweep_dir`` into ``out`` (default ``<sweep_dir>/sweep_report``).
+def write_sweep_report(
+    sweep_dir: Path, out: Path | None = None, matched_kl: Sequence[float] = ()
+) -> Path | None:
+    """Gather the jobs under ``sweep_dir`` into ``out`` (default ``<sweep_dir>/sweep_report``); scores at
+    matched KL are read off at each of ``matched_kl`` (nats).
 
     Returns the report folder, or None when no job has evaluated anything (a sweep of upstream
     stages only, or jobs that all failed).
     """
     sweep_dir = Path(sweep_dir)
-    rows, baselines = collect_jobs(sweep_dir)
+    rows, baselines, frontier = collect_jobs(sweep_dir)
     if not rows:
         log.warning("no evaluated job under %s: no sweep report", sweep_dir)
         return None
@@ -128,27 +247,43 @@ def write_sweep_report(sweep_dir: Path, out: Path | None = None) -> Path | None:
         writer.writeheader()
         writer.writerows([{k: "" if r[k] is None else r[k] for k in SWEEP_COLUMNS} for r in rows])
     groups = method_groups(rows)
-    key = selection_key(rows)
-    best = best_rows(groups, key)
+    picks = picks_of(groups)
+    (out / PICKS_FILE).write_text(json.dumps({name: asdict(p) for name, p in picks.items()}, indent=2))
+    matched = matched_kl_rows(groups, matched_kl)
+    if matched:
+        write_table(matched, MATCHED_COLUMNS, out / "matched_kl.csv", "Scores at matched KL (interpolated)")
     lines = [
-        f"# Sweep report: {sweep_dir}",
+        f"# Sweep report: {sweep_dir.name}",
         "",
         f"{len(rows)} aligned policies from {len({r['job'] for r in rows})} jobs.",
-        f"Best beta per method, by final {key.replace('_', ' ')}:",
+        "Each method's beta of highest proxy reward on the sweep's prompts (gold and KL beside it):",
         "",
-        *(f"- **{name}**: beta {row['beta']:g} ({key} {row[key]:.4g})" for name, row in best.items()),
+        *(
+            f"- **{name}**: beta {p.beta:g} (proxy {p.proxy_reward:.4g}"
+            + (f" ± {p.proxy_se:.2g}" if p.proxy_se is not None else "")
+            + (f", gold {p.gold_reward:.4g}" if p.gold_reward is not None else "")
+            + (f", KL {p.kl_to_ref:.3g}" if p.kl_to_ref is not None else "")
+            + f"); grid {', '.join(f'{b:g}' for b in p.grid)}: {p.edge}"
+            for name, p in picks.items()
+        ),
         "",
         "| " + " | ".join(SWEEP_COLUMNS) + " |",
         "|" + "---|" * len(SWEEP_COLUMNS),
         *("| " + " | ".join(format_cell(r[c]) for c in SWEEP_COLUMNS) + " |" for r in rows),
         "",
+        "![reward vs KL](reward_vs_kl.png)",
+        "",
         "![reward vs beta](reward_vs_beta.png)",
         "",
-        "![reward vs step at the best beta](reward_vs_step_best_beta.png)",
+        "![reward vs step at the picked beta](reward_vs_step_best_beta.png)",
         "",
     ]
+    if matched:
+        lines[-1:-1] = ["See `matched_kl.md` for the scores read off each curve at matched KLs.", ""]
     (out / "sweep_summary.md").write_text("\n".join(lines))
     plot_reward_vs_beta(groups, baselines, out / "reward_vs_beta.png")
+    plot_reward_vs_kl(groups, frontier, out / "reward_vs_kl.png")
+    best = {name: next(r for r in groups[name] if r["beta"] == p.beta) for name, p in picks.items()}
     if any(row["curve"] for row in best.values()):
         plot_best_curves(best, out / "reward_vs_step_best_beta.png")
     log.info("sweep report of %d policies written to %s", len(rows), out)
@@ -159,9 +294,12 @@ class SweepReport(Callback):
     """Hydra callback: write the sweep report once every job of a multirun has returned.
 
     Hydra calls it in the process that ran the sweep; under DDP the other ranks run the sweep too
-    and skip it.
+    and skip it. ``matched_kl``: the KLs (nats) at which the report reads off every method's scores.
     """
+
+    def __init__(self, matched_kl: Sequence[float] = ()) -> None:
+        self.matched_kl = list(matched_kl)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if is_rank_zero():
-            write_sweep_report(Path(config.hydra.sweep.dir))
+            write_sweep_report(Path(config.hydra.sweep.dir), matched_kl=self.matched_kl)
