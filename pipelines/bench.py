@@ -64,6 +64,7 @@ from directalign.benchmarking import (
     StepTimer,
     align_batches,
     align_step_flops,
+    align_step_positions,
     benchmark_architecture,
     forward_flops,
     lora_step_flops,
@@ -185,6 +186,17 @@ def trl_step_flops(shape: BatchShape, params: ParameterCounts, trl_args: dict, c
     return flops
 
 
+def ours_step_flops(
+    shape: BatchShape, params: ParameterCounts, share_prompt: bool, checkpointing: bool
+) -> int:
+    """FLOPs an align step executes on its padded batch, with the layers' forward again when they are
+    checkpointed (``stage.align.activation_checkpointing``)."""
+    flops = align_step_flops(shape, params, share_prompt)
+    if checkpointing:
+        flops += forward_flops(params, align_step_positions(shape, share_prompt)[0], 0)
+    return flops
+
+
 def run_ours(
     cfg: dict[str, Any],
     run: Run,
@@ -205,7 +217,13 @@ def run_ours(
         )
     ]
     setup_s = time.perf_counter() - start
-    align_cfg = OmegaConf.create({**cfg["align"], "share_prompt": run["share_prompt"]})
+    align_cfg = OmegaConf.create(
+        {
+            **cfg["align"],
+            "share_prompt": run["share_prompt"],
+            "activation_checkpointing": run["activation_checkpointing"],
+        }
+    )
     lightning = {**cfg["lightning"], "accelerator": "gpu" if device == "cuda" else "cpu"}
     time_align_steps(model, batches, align_cfg, OmegaConf.create(cfg["method"]), lightning, timer)
     return setup_s
@@ -312,7 +330,12 @@ def worker(cfg: dict[str, Any], run: Run) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     if run["kind"] == "ours":
         setup_s = run_ours(cfg, run, model, tokenizer, texts, device, timer)
-        step_flops = partial(align_step_flops, params=params, share_prompt=run["share_prompt"])
+        step_flops = partial(
+            ours_step_flops,
+            params=params,
+            share_prompt=run["share_prompt"],
+            checkpointing=run["activation_checkpointing"],
+        )
     else:
         from trl.trainer.utils import _use_triton  # whether TRL's LM head skips masked positions
 
@@ -587,9 +610,17 @@ def plan(cfg: DictConfig) -> list[Run]:
     ]
     runs = []
     for name in cfg.variants:
-        if name in ("ours", "ours_plain"):
-            segments = [base, *scaled] if name == "ours" else [base]
-            runs.append({"name": name, "kind": "ours", "share_prompt": name == "ours", "segments": segments})
+        if name in ("ours", "ours_plain", "ours_checkpointing"):
+            runs.append(
+                {
+                    "name": name,
+                    "kind": "ours",
+                    # Checkpointed layers drop the KV cache that prompt sharing runs on (lit/align.py).
+                    "share_prompt": name == "ours",
+                    "activation_checkpointing": name == "ours_checkpointing",
+                    "segments": [base, *scaled] if name == "ours" else [base],
+                }
+            )
         else:
             runs.append({"name": name, "kind": "trl", "trl_args": trl_args[name], "segments": [base]})
     return runs

@@ -41,6 +41,7 @@ def test_precision_recomputes_every_stage_that_trains_and_everything_downstream(
         "stage.reward.checkpoint_every_n_steps=3",
         "stage.align.checkpoint_every_n_steps=3",
         "stage.align.share_prompt=false",
+        "stage.align.activation_checkpointing=true",
         "method.name=renamed",
         "task.gold.copy_penalty=0.9",
     ],

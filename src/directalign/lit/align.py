@@ -5,8 +5,12 @@ here. Each batch (``pairs.py``) holds completions as rows and pairs ``(a, b)`` o
 with ``reward_a >= reward_b``; a is the "chosen" one. Every row's log-ratio is computed once, however
 many pairs it is in, and the loss is the mean over the batch's pairs. With ``share_prompt`` each
 distinct prompt runs once for all the completions behind it (``prefix.py``); with the frozen trunk's
-states in the batch, only the trained top layers run (``trunk.py``).
+states in the batch, only the trained top layers run (``trunk.py``). With ``activation_checkpointing``
+the decoder layers keep only their inputs and recompute the rest in the backward pass (less memory,
+~1/3 more layer FLOPs).
 """
+
+import logging
 
 import torch
 from omegaconf import DictConfig
@@ -15,7 +19,9 @@ from directalign.lit.base import TrainModule
 from directalign.logprobs import completion_logps
 from directalign.losses import PAIRWISE_PREFERENCE_LOSSES, copg_loss, sequence_logratio
 from directalign.prefix import shared_prompt_completion_logps
-from directalign.trunk import TopLayers
+from directalign.trunk import TopLayers, causal_lm
+
+log = logging.getLogger(__name__)
 
 
 def pair_losses(
@@ -33,7 +39,8 @@ def pair_losses(
 
 class AlignModule(TrainModule):
     """``first_layer``: batches carry the frozen trunk's ``input_states`` and only layers
-    ``first_layer`` and up run (``trunk.py``), sharing each prompt."""
+    ``first_layer`` and up run (``trunk.py``), sharing each prompt. ``stage_cfg.activation_checkpointing``
+    (absent: off) turns on the model's own activation checkpointing (``checkpoint_activations``)."""
 
     def __init__(
         self,
@@ -45,6 +52,33 @@ class AlignModule(TrainModule):
         super().__init__(model, stage_cfg)
         self.method = method
         self.first_layer = first_layer
+        self.share_prompt = bool(stage_cfg.share_prompt)
+        if stage_cfg.get("activation_checkpointing", False):
+            self.checkpoint_activations()
+
+    def checkpoint_activations(self) -> None:
+        """Checkpoint every decoder layer (transformers' own, non-reentrant): each keeps its input and
+        recomputes the rest in the backward pass, trading ~1/3 more layer FLOPs for GPU memory. A
+        checkpointed layer drops the KV cache (its recompute would write it twice), and prompt sharing
+        runs on one: with ``share_prompt`` every row runs whole instead; on the frozen trunk (always
+        shared) checkpointing is not applied. One log line each."""
+        if self.first_layer is not None:
+            log.warning(
+                "activation_checkpointing: not applied: the frozen trunk's top layers run on a shared"
+                " prompt's KV cache, which checkpointed layers drop"
+            )
+            return
+        if self.share_prompt:
+            log.warning(
+                "activation_checkpointing: share_prompt off: checkpointed layers drop the KV cache that"
+                " prompt sharing runs on, so every row runs its prompt"
+            )
+            self.share_prompt = False
+        lm = causal_lm(self.model)
+        lm.activation_checkpointing_enable({"use_reentrant": False})
+        # Non-reentrant checkpointing needs no input that requires grad; the embedding hook transformers
+        # adds for it would make backpropagation run through the frozen layers below LoRA adapters.
+        lm.disable_input_require_grads()
 
     def policy_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-token log-probs ``[R, C]`` of every row's completion under the policy."""
@@ -54,7 +88,7 @@ class AlignModule(TrainModule):
             return shared_prompt_completion_logps(
                 top_layers, *rows, batch["prompt_index"], batch["input_states"]
             )
-        if self.stage_cfg.share_prompt:
+        if self.share_prompt:
             return shared_prompt_completion_logps(self.model, *rows, batch["prompt_index"])
         return completion_logps(self.model, *rows)
 

@@ -97,10 +97,12 @@ ALIGN = Stage(
     inputs=("sft", "reward", "offpolicy"),
     # The reward curve samples with the evaluation's batch size.
     key=("method", "stage.align", "stage.evaluate.batch_size", "seed", "trainer.precision"),
-    # A method's name is a label; share_prompt gives the same loss and gradients (test_prefix.py).
+    # A method's name is a label; share_prompt and activation_checkpointing give the same loss and
+    # gradients (test_prefix.py, test_checkpointing.py).
     excluded=(
         "method.name",
         "stage.align.share_prompt",
+        "stage.align.activation_checkpointing",
         "stage.align.checkpoint_every_n_steps",
     ),
     output=AlignedPolicy,
