@@ -19,6 +19,8 @@
 | disk full while writing a manifest    | Store.run                     | no manifest, no temporary file  |
 | truncated last.ckpt (test_resume.py)  | resume_checkpoint             | removed, stage starts over      |
 | each row of CUSTOM_ERRORS (own data)  | validate_config, read splits  | one line: file, column or row   |
+| each row of REWARD_MODEL_ERRORS       | pretrained_reward_model       | ConfigError naming the key      |
+| chat template refusing the prompt     | load_tokenizer                | ConfigError: model, roles       |
 """
 
 import errno
@@ -27,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,6 +43,7 @@ from torch.utils.data import DataLoader
 from directalign import artifacts
 from directalign.errors import NonFiniteLossError
 from directalign.lit.base import TrainModule
+from directalign.models import build_reward_model, load_tokenizer, pretrained_reward_model
 from directalign.preferences import human_preferences, simulated_preferences
 from directalign.stages import ALIGN, EVALUATE, GENERATE, REWARD, SFT
 from directalign.stages.context import StageContext
@@ -54,7 +58,16 @@ from directalign.validation import (
     check_task_data,
     validate_config,
 )
-from tests.conftest import MINI_SMOKE, ROOT, completed, compose_config, mini_smoke_command, reuse_tokenizer
+from tests.conftest import (
+    MINI_SMOKE,
+    ROOT,
+    completed,
+    compose_config,
+    mini_smoke_command,
+    reuse_tokenizer,
+    tiny_llama,
+)
+from tests.model_folders import NO_SYSTEM_TEMPLATE, save_policy, save_reward_model
 
 CONFIG_ERRORS = [
     pytest.param(["method.beta=0"], r"^method\.beta=0 must be > 0$", id="beta-zero"),
@@ -594,3 +607,84 @@ def test_cli_refuses_bad_custom_data_before_writing_to_the_store(tmp_path):
         result.stderr.strip().splitlines()[-1],
     )
     assert not [path for path in (tmp_path / "store").glob("*/*") if path.parent.name != "tasks"]
+
+
+# Your own models (README "Your own data"): refused in one line from their config or tokenizer alone.
+def causal_lm(folder: Path) -> Path:
+    tiny_llama().save_pretrained(folder)
+    return folder
+
+
+REWARD_MODEL_ERRORS = [
+    pytest.param(
+        partial(save_reward_model, num_labels=3),
+        r"^reward_model\.pretrained=.*/model has 3 outputs \(labels \['LABEL_0', 'LABEL_1', 'LABEL_2'\]\); a"
+        r" reward model has exactly one$",
+        id="reward-model-with-three-outputs",
+    ),
+    pytest.param(
+        causal_lm,
+        r"^reward_model\.pretrained=.*/model is \['LlamaForCausalLM'\], not a sequence classifier"
+        r" \(\.\.\.ForSequenceClassification with one output\)$",
+        id="reward-model-not-a-classifier",
+    ),
+    pytest.param(
+        lambda folder: folder,
+        r"^reward_model\.pretrained=.*/model does not exist$",
+        id="reward-model-missing-folder",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "message"), REWARD_MODEL_ERRORS)
+def test_bad_pretrained_reward_model_is_refused_in_one_line(make, message, tmp_path):
+    cfg = compose_config(["reward_model=pretrained", f"reward_model.pretrained={make(tmp_path / 'model')}"])
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)  # before any stage: from the model's config alone
+    with pytest.raises(ConfigError, match=message):
+        build_reward_model(cfg.reward_model, tmp_path / "unused_sft", seed=0)
+
+
+def test_cli_refuses_a_bad_reward_model_or_prompt_format_before_writing_to_the_store(tmp_path, shared_store):
+    reward_model = save_reward_model(tmp_path / "reward_model", num_labels=2)
+    policy = save_policy(tmp_path / "policy", shared_store, chat_template=NO_SYSTEM_TEMPLATE)
+    cases = {
+        "reward": (
+            ["reward_model=pretrained", f"reward_model.pretrained={reward_model}"],
+            r"^directalign: reward_model\.pretrained=.*/reward_model has 2 outputs",
+        ),
+        "policy": (
+            ["model.source=path", f"+model.path={policy}"],
+            r"^directalign: model 'tiny_llama': the tokenizer's chat template cannot render a prompt",
+        ),
+    }
+    for name, (overrides, message) in cases.items():
+        folder = tmp_path / name
+        result = subprocess.run(
+            mini_smoke_command(folder, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (name, result.stderr[-2000:])
+        assert re.match(message, result.stderr.strip().splitlines()[-1]), (name, result.stderr[-500:])
+        assert not [path for path in (folder / "store").glob("*/*") if path.parent.name != "tasks"], name
+
+
+def test_pretrained_reward_model_must_be_named():
+    cfg = compose_config(["reward_model=pretrained"])
+    with pytest.raises(
+        ConfigError,
+        match=r"^reward_model\.pretrained must name a local folder or a hub id of a reward model$",
+    ):
+        pretrained_reward_model(cfg.reward_model)
+
+
+def test_prompt_format_the_tokenizer_cannot_render_is_refused(tmp_path, shared_store):
+    folder = save_policy(tmp_path / "policy", shared_store, chat_template=NO_SYSTEM_TEMPLATE)
+    cfg = compose_config(["experiment=smoke", "model.source=path", f"+model.path={folder}"], tmp_path)
+    with pytest.raises(
+        ConfigError,
+        match=r"^model 'tiny_llama': the tokenizer's chat template cannot render a prompt of roles"
+        r" \['system', 'user'\] \(System role not supported\); set model\.system_prompt=null$",
+    ):
+        load_tokenizer(cfg.model, shared_store)
+    cfg.model.system_prompt = None
+    assert load_tokenizer(cfg.model, shared_store).chat_template == NO_SYSTEM_TEMPLATE

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from jinja2 import TemplateError
 from omegaconf import DictConfig, OmegaConf
 from transformers import (
     AutoConfig,
@@ -107,7 +108,27 @@ def load_tokenizer(cfg: DictConfig, cache_root: Path) -> PreTrainedTokenizerBase
         tokenizer = AutoTokenizer.from_pretrained(pretrained_source(cfg, cache_root))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_prompt_format(tokenizer, cfg.system_prompt, cfg.name)
     return tokenizer
+
+
+def check_prompt_format(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None, name: str) -> None:
+    """Render one prompt the way the stages build theirs (``prompts.build_prompts``): a chat template that
+    refuses it (many refuse a system message) is refused here in one line, not halfway through a stage.
+    A tokenizer without a chat template gets plain text, which always renders."""
+    if not tokenizer.chat_template:
+        return
+    messages = [{"role": "user", "content": "Hello."}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as error:
+        hint = "; set model.system_prompt=null" if system_prompt else ""
+        raise ConfigError(
+            f"model {name!r}: the tokenizer's chat template cannot render a prompt of roles"
+            f" {[m['role'] for m in messages]} ({error}){hint}"
+        ) from None
 
 
 def build_policy(cfg: DictConfig, cache_root: Path, vocab_size: int, seed: int) -> PreTrainedModel:
@@ -120,11 +141,59 @@ def build_policy(cfg: DictConfig, cache_root: Path, vocab_size: int, seed: int) 
     return AutoModelForCausalLM.from_pretrained(pretrained_source(cfg, cache_root), dtype=torch.float32)
 
 
+def pretrained_reward_model(cfg: DictConfig) -> str:
+    """The folder or hub id in ``reward_model.pretrained``, checked from its config alone (no weights
+    loaded, so a run can refuse it before any compute): a reward is one number, so the model must be a
+    sequence classifier with exactly one output. A causal LM's folder would otherwise load with a new
+    random score head that nothing trains."""
+    if not cfg.get("pretrained"):
+        raise ConfigError("reward_model.pretrained must name a local folder or a hub id of a reward model")
+    name = str(cfg.pretrained)
+    if (Path(name).is_absolute() or name.startswith(".")) and not Path(name).is_dir():
+        raise ConfigError(f"reward_model.pretrained={name} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"reward_model.pretrained={name} is neither a model folder here nor a hub model that can be"
+            f" loaded ({reason})"
+        ) from None
+    architectures = config.architectures or []
+    if not any(architecture.endswith("ForSequenceClassification") for architecture in architectures):
+        raise ConfigError(
+            f"reward_model.pretrained={name} is {architectures or 'of no architecture'}, not a sequence"
+            " classifier (...ForSequenceClassification with one output)"
+        )
+    if config.num_labels != 1:
+        raise ConfigError(
+            f"reward_model.pretrained={name} has {config.num_labels} outputs (labels"
+            f" {list(config.id2label.values())}); a reward model has exactly one"
+        )
+    return name
+
+
+def reward_model_origin(cfg: DictConfig, model: PreTrainedModel) -> dict[str, str | None]:
+    """Where a pretrained reward model came from, for the reward stage's manifest: the absolute folder
+    (a relative one depends on the working directory) or the hub id and the commit it resolved to."""
+    name = str(cfg.pretrained)
+    local = Path(name).is_dir()
+    return {
+        "pretrained": str(Path(name).resolve()) if local else name,
+        "kind": "local folder" if local else "hub",
+        "revision": None if local else getattr(model.config, "_commit_hash", None),
+    }
+
+
 def build_reward_model(
     cfg: DictConfig, sft_dir: Path, seed: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A scalar-head sequence classifier and its tokenizer, as named by the reward_model group."""
-    if cfg.source == "package":
+    if cfg.source == "pretrained":
+        name = pretrained_reward_model(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch.float32)
+    elif cfg.source == "package":
         folder = _package_dir(cfg.package, cfg.subdir)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
@@ -140,7 +209,9 @@ def build_reward_model(
         tokenizer = AutoTokenizer.from_pretrained(sft_dir)
         model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)
     else:
-        raise ConfigError(f"reward_model.source must be package, random or sft_policy, got {cfg.source!r}")
+        raise ConfigError(
+            f"reward_model.source must be package, random, sft_policy or pretrained, got {cfg.source!r}"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

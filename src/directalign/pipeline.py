@@ -33,6 +33,7 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[dict] |
     task = build_task(cfg.task, store.root / "tasks" / cfg.task.name)
     check_task_data(task)  # every split, once, before any compute (and even when every stage is reused)
     ctx = StageContext(cfg, store, task)
+    _ = ctx.tokenizer  # loaded once here, so a prompt format it cannot render is refused before any stage
     stages = cfg.pipeline.stages
 
     sft = SFT.run(ctx, {})

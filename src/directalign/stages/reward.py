@@ -1,6 +1,9 @@
 """Stage 2: a Bradley-Terry reward model on preference pairs (``preferences.py`` says where they come
 from), checked on held-out pairs against the labels and, where there is one, the gold judge, and
-calibrated on them: one temperature puts its scores on the labeller's log-odds scale."""
+calibrated on them: one temperature puts its scores on the labeller's log-odds scale.
+
+``reward_model=pretrained`` takes an existing reward model instead: it is not trained, every pair is held
+out to check and calibrate it, and the manifest records where it came from (``origin``)."""
 
 import logging
 from dataclasses import asdict
@@ -9,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from directalign.artifacts import RewardArtifact
 from directalign.calibration import fit_calibration
+from directalign.distributed import is_rank_zero
 from directalign.errors import DataError
 from directalign.lit.reward import RewardModule
-from directalign.models import build_reward_model
+from directalign.models import build_reward_model, reward_model_origin
 from directalign.preferences import Preferences, human_preferences, simulated_preferences
 from directalign.scoring import encode_pairs, reward_scores
 from directalign.stages.base import Stage
@@ -49,26 +54,18 @@ def held_out_metrics(pairs: Preferences, val: np.ndarray, chosen: np.ndarray, re
     return metrics
 
 
-def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
-    cfg, stage_cfg, sft = ctx.cfg, ctx.cfg.stage.reward, inputs["sft"]
-    seed = ctx.seed(1)
-    pairs = human_preferences(ctx) or simulated_preferences(ctx, sft, seed)
-    rows = list(zip(pairs.sources, pairs.chosen, pairs.rejected, strict=True))
-    if len(rows) < 4:
-        raise DataError(
-            f"reward stage: only {len(rows)} usable preference pairs (dropped {pairs.dropped});"
-            " need at least 4"
-        )
-    order = np.random.default_rng(seed).permutation(len(rows))
-    n_val = max(1, int(len(rows) * stage_cfg.validation_fraction))
-    val_rows, train_rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
+def train_reward_model(
+    ctx: StageContext, folder: Path, sft_dir: Path, train_rows: list[Pair], val_rows: list[Pair], seed: int
+) -> tuple[PreTrainedModel | None, PreTrainedTokenizerBase]:
+    """The reward model fitted on ``train_rows`` (validated on ``val_rows``); None on ranks other than 0."""
+    cfg, stage_cfg = ctx.cfg, ctx.cfg.stage.reward
 
     def build():
-        return build_reward_model(cfg.reward_model, sft.model_dir, seed)[0]
+        return build_reward_model(cfg.reward_model, sft_dir, seed)[0]
 
-    model, tokenizer = build_reward_model(cfg.reward_model, sft.model_dir, seed)
+    model, tokenizer = build_reward_model(cfg.reward_model, sft_dir, seed)
     collate = partial(collate_preferences, tokenizer=tokenizer, max_length=stage_cfg.max_length)
-    trainer, model = fit_stage(
+    _, model = fit_stage(
         cfg,
         stage_cfg,
         folder,
@@ -79,19 +76,47 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
         train=DataLoader(train_rows, batch_size=stage_cfg.batch_size, shuffle=True, collate_fn=collate),
         val=DataLoader(val_rows, batch_size=stage_cfg.batch_size, shuffle=False, collate_fn=collate),
     )
-    if model is None:
-        return {}  # rank 0 scores the held-out pairs and saves the model
+    return model, tokenizer
+
+
+def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
+    cfg, stage_cfg, sft = ctx.cfg, ctx.cfg.stage.reward, inputs["sft"]
+    seed = ctx.seed(1)
+    pairs = human_preferences(ctx) or simulated_preferences(ctx, sft, seed)
+    rows = list(zip(pairs.sources, pairs.chosen, pairs.rejected, strict=True))
+    if len(rows) < 4:
+        raise DataError(
+            f"reward stage: only {len(rows)} usable preference pairs (dropped {pairs.dropped});"
+            " need at least 4"
+        )
+    if cfg.reward_model.source == "pretrained":
+        # An existing reward model is not trained: every pair is held out, to check and calibrate it.
+        if not is_rank_zero():
+            return {}
+        val, train_rows, val_rows = np.arange(len(rows)), [], rows
+        model, tokenizer = build_reward_model(cfg.reward_model, sft.model_dir, seed)
+        origin = {"origin": reward_model_origin(cfg.reward_model, model)}
+    else:
+        order = np.random.default_rng(seed).permutation(len(rows))
+        n_val = max(1, int(len(rows) * stage_cfg.validation_fraction))
+        val, train_rows = order[:n_val], [rows[i] for i in order[n_val:]]
+        val_rows = [rows[i] for i in val]
+        model, tokenizer = train_reward_model(ctx, folder, sft.model_dir, train_rows, val_rows, seed)
+        if model is None:
+            return {}  # rank 0 scores the held-out pairs and saves the model
+        origin = {}
     model.cpu()
     sources = [s for s, _, _ in val_rows]
     chosen = reward_scores(model, tokenizer, sources, [c for _, c, _ in val_rows], stage_cfg.max_length)
     rejected = reward_scores(model, tokenizer, sources, [r for _, _, r in val_rows], stage_cfg.max_length)
     metrics = {
+        **origin,
         "n_train_pairs": len(train_rows),
         "n_val_pairs": len(val_rows),
         "n_dropped_pairs": sum(pairs.dropped.values()),
         **{f"n_dropped_{reason}": n for reason, n in pairs.dropped.items()},
         **pairs.counts,
-        **held_out_metrics(pairs, order[:n_val], chosen, rejected),
+        **held_out_metrics(pairs, val, chosen, rejected),
     }
     if stage_cfg.calibration:
         # One temperature that makes the scores Bradley-Terry log-odds of the labeller, so that a reward
