@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test lint smoke reproduce bandit length-bandit headlines beta-sweep sweep bench gpu-check clean
+.PHONY: help install test lint smoke reproduce bandit length-bandit headlines beta-sweep length sweep bench gpu-check clean
 
 help:  ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,16 @@ headlines: install  ## The default experiment: news headlines with SmolLM2-135M 
 	$(PY) pipelines/run.py experiment=headlines paths.results_dir=results/headlines
 
 reproduce: bandit length-bandit headlines  ## Everything results/ shows: the bandits and the headlines experiment
+
+length: install  ## Paper A's length study: a beta sweep per (method, a), then experiment=length (results/length/)
+	$(PY) pipelines/run.py -m experiment=length_sweep method=dpo,copg method.beta=0.03,0.1,0.3
+	$(PY) pipelines/run.py -m experiment=length_sweep method=ipo method.beta=0.01,0.03,0.1
+	$(PY) pipelines/run.py -m experiment=length_sweep method=dpo,copg method.length_power=0.5 method.beta=0.13,0.4,1.2
+	$(PY) pipelines/run.py -m experiment=length_sweep method=ipo method.length_power=0.5 method.beta=0.04,0.13,0.4
+	$(PY) pipelines/run.py -m experiment=length_sweep method=avg_dpo,avg_copg method.beta=0.6,2,6
+	$(PY) pipelines/run.py -m experiment=length_sweep method=avg_ipo method.beta=0.2,0.6,2
+	$(PY) pipelines/sweep_report.py multirun/length_sweep_headlines --out results/length/beta_sweep --matched-kl 1 2 4
+	$(PY) pipelines/run.py experiment=length paths.results_dir=results/length
 
 beta-sweep: install  ## Pick each headlines method's beta on held-out prompts (results/headlines/beta_sweep/)
 	$(PY) pipelines/run.py -m experiment=beta_sweep method=dpo,copg method.beta=0.03,0.1,0.3

@@ -3,6 +3,8 @@
 import pytest
 from hydra.errors import MissingConfigException
 
+from directalign.stages import ALIGN, GENERATE, REWARD, SFT
+from directalign.stages.context import StageContext
 from tests.conftest import CONF, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -32,3 +34,36 @@ def test_smoke_compares_all_six_methods(tmp_path):
 def test_unknown_option_lists_the_choices(group, tmp_path):
     with pytest.raises(MissingConfigException, match="Available options"):
         compose_config([f"{group}=nonexistent"], tmp_path)
+
+
+def test_length_compares_each_loss_at_each_length_power_with_room_to_move(tmp_path):
+    cfg = compose_config(["experiment=length"], tmp_path)
+    assert cfg.task.max_completion_tokens >= 48
+    assert all(method.length_power in {0.0, 0.5, 1.0} for method in cfg.compare.values())
+    grid = sorted((method.loss, method.length_power) for method in cfg.compare.values())
+    assert grid == sorted((loss, a) for loss in ("dpo", "ipo", "copg") for a in (0.0, 0.5, 1.0))
+    assert {claim.metric for claim in cfg.claims} == {"length_tokens", "gold_reward"}
+
+
+def test_length_sweep_jobs_train_what_the_length_run_trains(tmp_path):
+    """A sweep job at a compare entry's loss, beta and length_power has the same sft, reward, generate and
+    align keys: the length run reuses the sweep's alignment at each picked beta."""
+    run = compose_config(["experiment=length"], tmp_path)
+    for name, method in run.compare.items():
+        job = compose_config(
+            [
+                "experiment=length_sweep",
+                f"method={method.loss}",
+                f"method.beta={method.beta}",
+                f"method.length_power={method.length_power}",
+            ],
+            tmp_path,
+        )
+        assert job.stage.evaluate.prompt_offset >= run.stage.evaluate.n_prompts
+        for stage in (SFT, REWARD, GENERATE):
+            assert stage.key_config(job) == stage.key_config(run)
+        aligned = [
+            StageContext(cfg, None, None).for_method(label, m, 0).cfg
+            for cfg, label, m in ((run, name, method), (job, job.method.name, job.method))
+        ]
+        assert ALIGN.key_config(aligned[0]) == ALIGN.key_config(aligned[1])

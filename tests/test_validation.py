@@ -52,3 +52,22 @@ def test_finite_mask_ignores_absent_scores():
     proxy, gold = np.array([0.1, np.nan, 0.3, 0.4]), np.array([0.1, 0.2, np.inf, 0.4])
     assert finite_mask(proxy, None).tolist() == [True, False, True, True]
     assert finite_mask(proxy, gold).tolist() == [True, False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("inf", r"^task\.gold\.label_length_bias=inf must be finite$"),
+        ("-inf", r"^task\.gold\.label_length_bias=-inf must be finite$"),
+        ("nan", r"^task\.gold\.label_length_bias=nan must be a number$"),
+    ],
+)
+def test_a_non_finite_label_length_bias_is_refused_naming_the_key(value, message, tmp_path):
+    cfg = compose_config(["experiment=length", f"task.gold.label_length_bias={value}"], tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("value", [0.01, -0.01])
+def test_a_finite_label_length_bias_of_either_sign_is_accepted(value, tmp_path):
+    validate_config(compose_config([f"+task.gold.label_length_bias={value}"], tmp_path))

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from directalign.errors import ConfigError, DataError
 from directalign.losses import LOSS_NAMES
+from directalign.models import pretrained_reward_model
 from directalign.tasks.base import EXAMPLE_COLUMNS, SPLITS
 from directalign.tasks.custom import CustomTask
 from directalign.tasks.custom import check_config as check_custom_task
@@ -55,6 +56,11 @@ def _count(where: str, value: Any, minimum: int = 1, optional: bool = False) -> 
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
         raise ConfigError(f"{where}={value!r} must be {allowed}")
+
+
+def _finite(where: str, value: Any) -> None:
+    if not math.isfinite(_number(where, value)):
+        raise ConfigError(f"{where}={value} must be finite")
 
 
 def _in_range(where: str, value: Any, low: float, high: float, open_low: bool = False) -> None:
@@ -107,6 +113,8 @@ def _check_sources(cfg: DictConfig) -> None:
         _importable("reward_model", reward_model.package)
     if reward_model.source == "random":
         _importable("reward_model", reward_model.tokenizer_package)
+    if reward_model.source == "pretrained":
+        pretrained_reward_model(reward_model)  # reads its config only: one output, a sequence classifier
 
 
 def context_length(model_cfg: DictConfig) -> int | None:
@@ -195,7 +203,10 @@ def _check_sampling(cfg: DictConfig) -> None:
         raise ConfigError(
             f"stage.generate.reward_source={generate.reward_source!r} must be one of {list(REWARD_SOURCES)}"
         )
-    if generate.reward_source == "gold" and cfg.task.get("gold") is None:
+    gold = cfg.task.get("gold")
+    if gold is not None and "label_length_bias" in gold:
+        _finite("task.gold.label_length_bias", gold.label_length_bias)
+    if generate.reward_source == "gold" and gold is None:
         raise ConfigError(
             "stage.generate.reward_source='gold' needs a task with a gold judge;"
             f" task {cfg.task.name!r} has none"

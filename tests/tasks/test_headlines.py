@@ -91,3 +91,15 @@ def test_gold_prefers_human_headlines_to_lead_copies_and_other_headlines(tiny: H
 def test_gold_rejects_lists_of_different_lengths(tiny: HeadlinesTask) -> None:
     with pytest.raises(ValueError, match="lengths differ"):
         tiny.gold_judge().score(["a"], ["b"], ["c", "d"])
+
+
+def test_label_length_bias_is_the_labellers_and_leaves_the_gold_judge_unbiased(tiny: HeadlinesTask) -> None:
+    biased = build_task(task_config("tiny", ["+gold.label_length_bias=0.01"]), tiny.cache_dir)
+    assert tiny.label_length_bias() == 0.0 and biased.label_length_bias() == 0.01
+    examples = tiny.examples("eval").select(range(4))
+    texts = (
+        examples["source"],
+        examples["reference"],
+        [" ".join(s.split()[:12]) for s in examples["source"]],
+    )
+    assert np.array_equal(biased.gold_judge().score(*texts), tiny.gold_judge().score(*texts))

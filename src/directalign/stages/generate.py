@@ -3,8 +3,8 @@
 K completions per prompt sampled from the SFT policy, scored by the calibrated reward model (and the
 gold judge), with the SFT (reference) log-prob of every completion token stored once, so alignment never
 runs a reference model. ``reward_source=gold`` trains on the labeller's own logits instead (an oracle
-arm). Empty completions and non-finite rewards are dropped and counted; a prompt needs two completions
-left to form a pair.
+arm, with the labeller's length bias where the task sets one). Empty completions and non-finite rewards
+are dropped and counted; a prompt needs two completions left to form a pair.
 """
 
 import logging
@@ -18,6 +18,7 @@ from directalign.distributed import is_rank_zero, map_sharded, rank_seed, world
 from directalign.errors import DataError
 from directalign.generation import release_accelerator_memory, sample_completions
 from directalign.offpolicy_stats import dataset_statistics
+from directalign.preferences import labeller_scores
 from directalign.stages.base import Stage
 from directalign.stages.context import Prompts, StageContext
 from directalign.store import Ranks
@@ -85,15 +86,18 @@ def scored_rows(
     n_empty = sum(len(group) for group in texts) - len(candidates)
     if not candidates:
         raise DataError("generate: every completion sampled for split 'offpolicy' is empty")
+    completions = [texts[i][k] for i, k in candidates]
     proxy, gold, raw_proxy = ctx.scorer(reward)(
         [prompts.sources[i] for i, _ in candidates],
         [prompts.references[i] for i, _ in candidates],
-        [texts[i][k] for i, k in candidates],
+        completions,
     )
     finite = finite_mask(proxy, gold)
     if ctx.cfg.stage.generate.reward_source == "gold":
-        # The oracle arm: the labeller's own Bradley-Terry logits, free of the reward model's errors.
-        rewards = gold / ctx.cfg.stage.reward.label_temperature
+        # The oracle arm: the labeller's own Bradley-Terry logits (its length bias included), free of the
+        # reward model's errors; the dataset's gold column stays the unbiased judge's.
+        labeller = labeller_scores(gold, completions, ctx.task.label_length_bias())
+        rewards = labeller / ctx.cfg.stage.reward.label_temperature
     else:
         rewards = proxy
     kept: dict[int, list[int]] = {}
@@ -157,7 +161,7 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     OffPolicyData.save(folder, rows)
     return (
         counts
-        | dataset_statistics(rows)
+        | dataset_statistics(rows, ctx.tokenizer.eos_token_id)
         | {
             "reward_source": stage_cfg.reward_source,
             "calibration_scale": reward.calibration_scale,

@@ -3,6 +3,7 @@
 import functools
 import hashlib
 import importlib.resources
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,9 +53,19 @@ class Task(ABC):
         """The task's ground-truth scorer, or None when only a learned reward model exists."""
         return None
 
+    def label_length_bias(self) -> float:
+        """Gold score the simulated labeller adds per word of a completion (``preferences.labeller_scores``).
+        A task whose config offers no such bias labels by its gold judge alone."""
+        return 0.0
+
     def human_preferences(self) -> datasets.Dataset | None:
         """Human preference pairs (columns ``PREFERENCE_COLUMNS``) where the task ships them."""
         return None
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (runs of letters, digits and underscores), blind to case and punctuation."""
+    return re.findall(r"\w+", text.lower())
 
 
 def hash_fraction(example_id: str, salt: str) -> float:

@@ -3,7 +3,6 @@
 import functools
 import importlib.metadata
 import logging
-import re
 import zipfile
 
 import datasets
@@ -11,7 +10,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from directalign.tasks.base import SPLITS, GoldJudge, Task, assign_splits, embed_sentences
+from directalign.tasks.base import SPLITS, GoldJudge, Task, assign_splits, embed_sentences, words
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +56,8 @@ class HeadlinesTask(Task):
     def gold_judge(self) -> "HeadlinesGoldJudge":
         return HeadlinesGoldJudge(self.cfg.gold)
 
-
-def words(text: str) -> list[str]:
-    """Lower-cased word tokens, so copy detection ignores case and punctuation."""
-    return re.findall(r"\w+", text.lower())
+    def label_length_bias(self) -> float:
+        return self.cfg.gold.get("label_length_bias", 0.0)
 
 
 def ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
