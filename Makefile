@@ -43,6 +43,7 @@ length-bandit: install  ## Exact length study on the toy bandit into results/len
 
 headlines: install  ## The default experiment: news headlines with SmolLM2-135M (up to an hour on CPU)
 	$(PY) pipelines/run.py experiment=headlines paths.results_dir=results/headlines
+	$(PY) pipelines/results_readme.py results/README.md
 
 reproduce: bandit length-bandit headlines  ## Everything results/ shows: the bandits and the headlines experiment
 
