@@ -8,10 +8,12 @@ import pytest
 
 from directalign.claims import (
     CLAIM_KEYS,
+    CLAIMS_BLOCK,
     Claim,
     build_claim,
     claims_table,
     read_claims,
+    render_claim_blocks,
     sign_test_p_value,
     verdict,
     win_tie_loss,
@@ -19,6 +21,7 @@ from directalign.claims import (
 )
 from directalign.estimates import PairedDifference, paired_difference
 from directalign.validation import ConfigError, DataError
+from tests.conftest import ROOT
 
 GOLD_CLAIM = ("CoPG beats DPO on gold reward", "paper B", "copg - dpo", "gold_reward")
 
@@ -123,6 +126,31 @@ def test_markdown_table():
         "| CoPG wins \\| gold | paper B | copg - dpo | gold_reward | > 0 | +0.3 ± 0.041 | 4 | supported |\n"
         "| IPO is shorter | paper A | ipo - dpo | length_tokens | < 0 | -0.333 ± 0.88 | 3 | inconclusive |\n"
     )
+
+
+def test_claims_blocks_of_a_readme_are_rendered_from_the_files_they_name(tmp_path):
+    claim = Claim("CoPG wins", "paper B", "copg - dpo", "gold_reward", 1, 0.3, 0.0408, 4, "supported")
+    (tmp_path / "run").mkdir()
+    write_claims([claim], tmp_path / "run" / "claims.json")
+    readme = (
+        "# Results\n\n<!-- claims: run/claims.json -->\nstale table\n<!-- end claims -->\n\nProse stays.\n"
+    )
+
+    rendered = render_claim_blocks(readme, tmp_path)
+
+    block = "<!-- claims: run/claims.json -->\n" + claims_table([claim]) + "<!-- end claims -->"
+    assert rendered == "# Results\n\n" + block + "\n\nProse stays.\n"
+    assert render_claim_blocks(rendered, tmp_path) == rendered
+    with pytest.raises(DataError, match=r"claims block names gone/claims\.json, which is not a file under"):
+        render_claim_blocks(readme.replace("run/", "gone/"), tmp_path)
+
+
+def test_the_committed_results_readme_says_what_its_claims_files_hold():
+    """Every claims table of results/README.md is the one its claims.json renders (no hand edits)."""
+    readme = ROOT / "results" / "README.md"
+    text = readme.read_text()
+    assert CLAIMS_BLOCK.search(text), "results/README.md has no generated claims table"
+    assert render_claim_blocks(text, readme.parent) == text
 
 
 def test_a_tie_is_the_same_text_not_the_same_score():

@@ -15,6 +15,7 @@ error ``se`` over the prompts:
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -115,6 +116,23 @@ def claims_table(claims: Sequence[Claim]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# A generated claims table in a results README: the block between these markers is rendered from the
+# claims.json it names (relative to the README), so the README says exactly what the run measured.
+CLAIMS_BLOCK = re.compile(r"(<!-- claims: (?P<path>\S+) -->\n)(?P<table>.*?)(<!-- end claims -->)", re.DOTALL)
+
+
+def render_claim_blocks(readme: str, root: Path) -> str:
+    """``readme`` with each claims block's table rendered anew from its claims.json under ``root``."""
+
+    def render(match: re.Match) -> str:
+        path = root / match["path"]
+        if not path.is_file():
+            raise DataError(f"claims block names {match['path']}, which is not a file under {root}")
+        return match[1] + claims_table(read_claims(path)) + match[4]
+
+    return CLAIMS_BLOCK.sub(render, readme)
 
 
 @dataclass(frozen=True)

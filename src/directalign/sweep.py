@@ -267,6 +267,7 @@ def write_sweep_report(
             for name, p in picks.items()
         ),
         "",
+        *(["Scores read off each method's curve at matched KLs: `matched_kl.md`.", ""] if matched else []),
         "| " + " | ".join(SWEEP_COLUMNS) + " |",
         "|" + "---|" * len(SWEEP_COLUMNS),
         *("| " + " | ".join(format_cell(r[c]) for c in SWEEP_COLUMNS) + " |" for r in rows),
@@ -278,8 +279,6 @@ def write_sweep_report(
         "![reward vs step at the picked beta](reward_vs_step_best_beta.png)",
         "",
     ]
-    if matched:
-        lines[-1:-1] = ["See `matched_kl.md` for the scores read off each curve at matched KLs.", ""]
     (out / "sweep_summary.md").write_text("\n".join(lines))
     plot_reward_vs_beta(groups, baselines, out / "reward_vs_beta.png")
     plot_reward_vs_kl(groups, frontier, out / "reward_vs_kl.png")
