@@ -58,10 +58,10 @@ length: install  ## Paper A's length study: a beta sweep per (method, a), then e
 	$(PY) pipelines/run.py experiment=length paths.results_dir=results/length
 
 beta-sweep: install  ## Pick each headlines method's beta on held-out prompts (results/headlines/beta_sweep/)
-	$(PY) pipelines/run.py -m experiment=beta_sweep method=dpo,copg method.beta=0.03,0.1,0.3
-	$(PY) pipelines/run.py -m experiment=beta_sweep method=ipo method.beta=0.01,0.03,0.1
-	$(PY) pipelines/run.py -m experiment=beta_sweep method=avg_dpo method.beta=0.5,2,8
-	$(PY) pipelines/run.py -m experiment=beta_sweep method=avg_ipo method.beta=0.2,0.6,2
+	$(PY) pipelines/run.py -m experiment=beta_sweep method=dpo,copg method.beta=0.01,0.03,0.1,0.3
+	$(PY) pipelines/run.py -m experiment=beta_sweep method=ipo method.beta=0.003,0.01,0.03,0.1
+	$(PY) pipelines/run.py -m experiment=beta_sweep method=avg_dpo method.beta=0.125,0.5,2,8
+	$(PY) pipelines/run.py -m experiment=beta_sweep method=avg_ipo method.beta=0.05,0.2,0.6,2
 	$(PY) pipelines/sweep_report.py multirun/beta_sweep_headlines --out results/headlines/beta_sweep --matched-kl 1 2 4
 
 sweep: install  ## Paper B's beta grids on the default task (two multiruns, one sweep report)
