@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from directalign.pipeline import run_pipeline
+from directalign.stages import REWARD
 from directalign.tasks import build_task
 from directalign.validation import (
     ConfigError,
@@ -70,4 +71,7 @@ def test_a_non_finite_label_length_bias_is_refused_naming_the_key(value, message
 
 @pytest.mark.parametrize("value", [0.01, -0.01])
 def test_a_finite_label_length_bias_of_either_sign_is_accepted(value, tmp_path):
-    validate_config(compose_config([f"+task.gold.label_length_bias={value}"], tmp_path))
+    cfg = compose_config([f"+task.gold.label_length_bias={value}"], tmp_path)
+    validate_config(cfg)
+    # Accepted as given, and it reaches the reward stage's key (the labels it trains on depend on it).
+    assert REWARD.key_config(cfg)["task"]["gold"]["label_length_bias"] == value
