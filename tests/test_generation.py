@@ -173,3 +173,26 @@ def test_greedy_from_a_shared_prompt_cache_equals_greedy_from_the_prompts(model)
 def test_greedy_asks_for_one_sample(model):
     with pytest.raises(ValueError, match="num_samples"):
         sample(model, do_sample=False, num_samples=4)
+
+
+@pytest.mark.parametrize("num_samples, do_sample", [(2, True), (1, False)])
+def test_layer_inputs_are_what_a_fresh_forward_feeds_that_layer(model, num_samples, do_sample):
+    """Recorded while sampling (a shared prefill, then one position a step), each sample's states at
+    the prompt and its completion but the last token equal the layer's input in one forward pass."""
+    plain = sample(model, num_samples=num_samples, do_sample=do_sample, return_logps=True)
+    samples, logps, states = sample(
+        model, num_samples=num_samples, do_sample=do_sample, return_logps=True, layer_inputs=1
+    )
+    assert (samples, logps) == plain, "recording must not change what is sampled"
+    for prompt, group, group_states in zip(PROMPTS, samples, states, strict=True):
+        for completion, recorded in zip(group, group_states, strict=True):
+            with torch.no_grad():
+                fresh = model(torch.tensor([prompt + completion]), output_hidden_states=True)
+            expected = fresh.hidden_states[1][0, : len(prompt) + len(completion) - 1]
+            assert recorded.shape == expected.shape
+            assert torch.allclose(recorded, expected, atol=1e-5)
+
+
+def test_layer_inputs_need_the_sampling_logps(model):
+    with pytest.raises(ValueError, match="layer_inputs"):
+        sample(model, layer_inputs=1)

@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from directalign.generation import sampled_logratios
+from directalign.generation import sample_completions, sampled_logratios
+from directalign.logprobs import batched_completion_logps
+from directalign.trunk import shared_trunk_layer
 from tests.conftest import tiny_llama
 
 VOCAB, EOS, PAD, MAX_NEW = 5, 1, 0, 2
@@ -64,3 +66,30 @@ def test_sampled_logratio_estimates_the_exact_kl():
     assert exact > 0.05, "the two models must differ for the test to mean anything"
     assert abs(estimate - exact) < 4 * error, (estimate, exact, error)
     assert error < 0.1 * exact
+
+
+def test_a_shared_trunk_gives_the_whole_forward_logratios():
+    """A policy that differs from its reference above layer 1 only (LoRA on the top layers): the
+    reference then runs layer 1 alone on the policy's recorded states, and the log-ratios equal those
+    of the reference's whole forward pass on the same samples."""
+    reference = tiny_llama(vocab_size=VOCAB)
+    policy = tiny_llama(vocab_size=VOCAB)
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if name.startswith("model.layers.1."):
+                weight.add_(0.3 * torch.randn_like(weight))
+    assert shared_trunk_layer(policy, reference) == 1
+    prompts = [PROMPT, [2, 3], [4]] * 3
+    options = {"num_samples": 2, "seed": 0, "batch_size": 4, "max_new_tokens": 4, "do_sample": True}
+    draws = sampled_logratios(policy, reference, TinyTokenizer(), prompts, **options)
+    samples, logps = sample_completions(policy, TinyTokenizer(), prompts, return_logps=True, **options)
+    flat_prompts = [p for p, group in zip(prompts, samples, strict=True) for _ in group]
+    flat = [c for group in samples for c in group]
+    ref = iter(batched_completion_logps(reference, flat_prompts, flat, PAD, batch_size=4))
+    for group, group_samples, group_logps in zip(draws, samples, logps, strict=True):
+        for (completion, logratio), sample, sample_logps in zip(
+            group, group_samples, group_logps, strict=True
+        ):
+            assert completion == sample
+            assert math.isclose(logratio, sum(sample_logps) - sum(next(ref)), abs_tol=1e-5)
+    assert any(abs(value) > 0.01 for group in draws for _, value in group)

@@ -13,11 +13,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from directalign.artifacts import PolicyArtifact, TrunkStates
 from directalign.lit.align import AlignModule
+from directalign.logprobs import batched_completion_logps
 from directalign.models import with_lora
 from directalign.pairs import attach_trunk_states, build_prompt_groups, collate_prompt_groups
 from directalign.stages.context import StageContext
 from directalign.stages.trunk import align_first_layer
-from directalign.trunk import first_trained_layer, trunk_states
+from directalign.trunk import (
+    first_trained_layer,
+    shared_trunk_layer,
+    top_layers_completion_logps,
+    trunk_states,
+)
 from tests.conftest import compose_config, step_loss_and_grads
 from tests.test_align import BETA, PAD, STAGE, offpolicy_table
 
@@ -141,3 +147,52 @@ def test_the_pipeline_caches_the_trunk_only_where_it_applies(tmp_path, overrides
     sft = PolicyArtifact("sft", "key", tmp_path, {})
     ctx = StageContext(compose_config(["experiment=smoke", *overrides]), store=None, task=None)
     assert align_first_layer(ctx, sft) == first_layer
+
+
+def perturbed(model: LlamaForCausalLM, *prefixes: str) -> LlamaForCausalLM:
+    """A copy of ``model`` with noise on the parameters whose names start with one of ``prefixes``."""
+    other = four_layer_llama()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, weight in other.named_parameters():
+            if name.startswith(prefixes):
+                weight.add_(0.1 * torch.randn_like(weight))
+    return other
+
+
+@pytest.mark.parametrize(
+    "prefixes, layer",
+    [
+        (("model.layers.2.", "model.layers.3.", "model.norm", "lm_head"), 2),
+        (("model.layers.3.mlp",), 3),
+        (("lm_head",), 3),
+        (("model.layers.0.self_attn.q_proj",), None),
+        (("model.embed_tokens",), None),
+    ],
+)
+def test_shared_trunk_is_the_first_layer_that_differs(prefixes, layer):
+    model = four_layer_llama()
+    assert shared_trunk_layer(perturbed(model, *prefixes), model) == layer
+
+
+def test_reference_logps_from_the_shared_trunk_equal_a_whole_forward():
+    """Prompts of different lengths, completions of 1 to 4 tokens: running the reference's layers 2-3 on
+    the policy's states entering layer 2 gives the reference's own log-probs."""
+    reference = four_layer_llama()
+    policy = perturbed(reference, "model.layers.2.", "model.layers.3.")
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15], [10, 11]]
+    completions = [[20, 21, 1], [22], [23, 24, 25, 26], [27, 28], [29, 30, 31]]
+    with torch.no_grad():
+        states = [
+            policy(torch.tensor([p + c]), output_hidden_states=True).hidden_states[2][
+                0, : len(p) + len(c) - 1
+            ]
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+    got = top_layers_completion_logps(reference, 2, prompts, completions, states, PAD, batch_size=3)
+    expected = batched_completion_logps(reference, prompts, completions, PAD, batch_size=3)
+    assert [len(row) for row in got] == [len(c) for c in completions]
+    for row, expected_row in zip(got, expected, strict=True):
+        assert torch.allclose(torch.tensor(row), torch.tensor(expected_row), atol=1e-5)
+    mine = batched_completion_logps(policy, prompts, completions, PAD, batch_size=3)
+    assert not torch.allclose(torch.tensor(mine[0]), torch.tensor(expected[0]), atol=1e-3)

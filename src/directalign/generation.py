@@ -2,6 +2,7 @@
 prefilled once for all its samples."""
 
 import gc
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from directalign.logprobs import batched_completion_logps, gather_token_logps
+from directalign.trunk import LayerInputs, shared_trunk_layer, top_layers_completion_logps
 
 
 @torch.inference_mode()
@@ -27,7 +29,8 @@ def sample_completions(
     desc: str = "generate",
     return_logps: bool = False,
     synced_gpus: bool = False,
-) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[list[list[float]]]]:
+    layer_inputs: int | None = None,
+) -> list[list[list[int]]] | tuple:
     """``num_samples`` completions per prompt, each cut after its first eos (kept, as in training).
 
     Prompts are sorted by length and batched, then the results are put back in prompt order.
@@ -36,15 +39,23 @@ def sample_completions(
     With ``return_logps`` it also returns the sampling model's per-token log-probs (at
     temperature 1, from the raw logits), which spares a second forward pass over the samples.
     ``synced_gpus`` keeps every rank stepping until all are done, which FSDP's sharded layers need.
+    With ``layer_inputs`` (and ``return_logps``) it also returns, for each sample, the hidden states that
+    entered that decoder layer at the prompt's tokens and the completion's but its last (``[p + c - 1,
+    H]``, as recorded while sampling): what the layers above need to score the sample again.
     """
     if num_samples > 1 and not do_sample:
         raise ValueError(f"greedy decoding gives one completion per prompt, not num_samples={num_samples}")
+    if layer_inputs is not None and (synced_gpus or not return_logps):
+        raise ValueError(
+            "layer_inputs needs return_logps and no synced_gpus (whose extra steps it would record)"
+        )
     model.eval()
     device = next(model.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list[list[list[int]]] = [[] for _ in prompt_ids]
     logps: list[list[list[float]]] = [[] for _ in prompt_ids]
+    states: list[list[torch.Tensor]] = [[] for _ in prompt_ids]
     generator_seed = torch.Generator().manual_seed(seed)
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
@@ -61,32 +72,55 @@ def sample_completions(
             input_ids[j, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
             attention_mask[j, width - len(prompt_ids[i]) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        prompt_cache = (
-            shared_prompt_cache(model, input_ids, attention_mask, num_samples) if share_prefill else None
-        )
-        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
-        output = model.generate(
-            return_dict_in_generate=True,
-            output_logits=return_logps,
-            input_ids=input_ids.repeat_interleave(num_samples, dim=0),
-            attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
-            cache=prompt_cache,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-            top_k=None,
-            synced_gpus=synced_gpus,
-            **sampling,
-        )
+        recorder = LayerInputs(model, layer_inputs) if layer_inputs is not None else nullcontext()
+        with recorder:
+            prompt_cache = (
+                shared_prompt_cache(model, input_ids, attention_mask, num_samples) if share_prefill else None
+            )
+            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
+            output = model.generate(
+                return_dict_in_generate=True,
+                output_logits=return_logps,
+                input_ids=input_ids.repeat_interleave(num_samples, dim=0),
+                attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
+                cache=prompt_cache,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+                top_k=None,
+                synced_gpus=synced_gpus,
+                **sampling,
+            )
         sequences = output.sequences[:, width:].cpu()
         if return_logps:
             token_logps = gather_token_logps(torch.stack(output.logits, dim=1).cpu(), sequences)
+        if layer_inputs is not None:
+            batch_states = recorded_states(recorder, num_samples if share_prefill else 1, output.sequences)
         for j, sequence in enumerate(sequences):
             completion = cut_after_eos(sequence.tolist(), eos_id)
             results[rows[j // num_samples]].append(completion)
             if return_logps:
                 logps[rows[j // num_samples]].append(token_logps[j, : len(completion)].tolist())
+            if layer_inputs is not None:
+                prompt_length = len(prompt_ids[rows[j // num_samples]])
+                span = slice(width - prompt_length, width + len(completion) - 1)
+                states[rows[j // num_samples]].append(batch_states[j, span].clone())
+    if layer_inputs is not None:
+        return results, logps, states
     return (results, logps) if return_logps else results
+
+
+def recorded_states(recorder: LayerInputs, prefill_copies: int, sequences: torch.Tensor) -> torch.Tensor:
+    """The states ``LayerInputs`` recorded over one ``generate`` call, ``[R, T - 1, H]`` for its ``[R, T]``
+    sequences: the prefill's rows repeated ``prefill_copies`` times (a shared prompt cache), then every
+    step's position. Refuses a record of another length (a forward that was not one of the sampling's)."""
+    first, *steps = recorder.chunks
+    joined = torch.cat([first.repeat_interleave(prefill_copies, dim=0), *steps], dim=1)
+    if joined.shape[:2] != (sequences.shape[0], sequences.shape[1] - 1):
+        raise RuntimeError(
+            f"recorded layer inputs {tuple(joined.shape[:2])} do not fit sequences {tuple(sequences.shape)}"
+        )
+    return joined
 
 
 def shared_prompt_cache(
@@ -139,8 +173,13 @@ def sampled_logratios(
     **sampling: Any,
 ) -> list[list[Draw]]:
     """``num_samples`` completions per prompt and ``log pi(y) - log pi_ref(y)`` summed over each: on the
-    policy's own temperature-1 samples its mean estimates KL(pi || pi_ref) without bias."""
-    samples, sample_logps = sample_completions(
+    policy's own temperature-1 samples its mean estimates KL(pi || pi_ref) without bias.
+
+    When the two models share a trunk (``trunk.shared_trunk_layer``: an aligned policy with LoRA on the
+    top layers and its SFT model), the reference runs only its layers above it, on the hidden states
+    the policy computed there while sampling; otherwise a whole forward pass."""
+    layer = None if ref_model is None else shared_trunk_layer(model, ref_model)
+    sampled = sample_completions(
         model,
         tokenizer,
         prompts,
@@ -148,13 +187,23 @@ def sampled_logratios(
         batch_size=batch_size,
         seed=seed,
         return_logps=True,
+        layer_inputs=layer,
         **sampling,
     )
+    samples, sample_logps = sampled[:2]
     if ref_model is None:
         return [[(c, 0.0) for c in group] for group in samples]
     flat_prompts = [prompt for prompt, group in zip(prompts, samples, strict=True) for _ in group]
     flat = [c for group in samples for c in group]
-    ref = iter(batched_completion_logps(ref_model, flat_prompts, flat, tokenizer.pad_token_id, batch_size))
+    pad_id = tokenizer.pad_token_id
+    if layer is None:
+        ref_logps = batched_completion_logps(ref_model, flat_prompts, flat, pad_id, batch_size)
+    else:
+        states = [s for group in sampled[2] for s in group]
+        ref_logps = top_layers_completion_logps(
+            ref_model, layer, flat_prompts, flat, states, pad_id, batch_size
+        )
+    ref = iter(ref_logps)
     return [
         [(c, float(sum(logps) - sum(next(ref)))) for c, logps in zip(group, group_logps, strict=True)]
         for group, group_logps in zip(samples, sample_logps, strict=True)

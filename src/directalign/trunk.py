@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from directalign.logprobs import collate_prompt_completion
+from directalign.logprobs import collate_prompt_completion, gather_token_logps
 from directalign.prefix import first_rows
 
 
@@ -148,4 +148,95 @@ def trunk_states(
                 parts.append(completion_states[row, : len(completion)])
                 row += 1
             out.append(torch.cat(parts).cpu())
+    return out
+
+
+def shared_trunk_layer(model: torch.nn.Module, other: torch.nn.Module) -> int | None:
+    """The lowest decoder layer whose weights differ between two Llama models whose embeddings, rotary
+    embedding and every layer below are equal: the hidden states entering it are then the same in both,
+    so the states one model computes serve the other's top layers. An aligned policy trained with LoRA
+    on the top layers shares its SFT model's trunk. With no layer differing, the last layer. None when
+    no trunk is shared (the embeddings or layer 0 differ, another architecture, attention dropout)."""
+    first, second = causal_lm(model), causal_lm(other)
+    if (
+        any(lm.config.model_type != "llama" or lm.config.attention_dropout for lm in (first, second))
+        or first.config.rms_norm_eps != second.config.rms_norm_eps
+        or first.model.rotary_emb.attention_scaling != second.model.rotary_emb.attention_scaling
+    ):
+        return None
+    pairs = [
+        (first.model.embed_tokens, second.model.embed_tokens),
+        (first.model.rotary_emb, second.model.rotary_emb),
+    ]
+    if not all(same_tensors(a, b) for a, b in pairs) or len(first.model.layers) != len(second.model.layers):
+        return None
+    for index, (a, b) in enumerate(zip(first.model.layers, second.model.layers, strict=True)):
+        if not same_tensors(a, b):
+            return index or None
+    return len(first.model.layers) - 1
+
+
+def same_tensors(module: torch.nn.Module, other: torch.nn.Module) -> bool:
+    """Whether two modules hold the same parameters and buffers (non-persistent ones too), bit for bit."""
+    mine = dict(module.named_parameters()) | dict(module.named_buffers())
+    theirs = dict(other.named_parameters()) | dict(other.named_buffers())
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[name], theirs[name]) for name in mine)
+
+
+class LayerInputs:
+    """Records the hidden states entering one decoder layer on every forward call while it is active
+    (a forward pre-hook): in ``generate``, the prefill's ``[B, P, H]`` then one ``[B, 1, H]`` a step."""
+
+    def __init__(self, model: torch.nn.Module, layer: int):
+        self.layer = causal_lm(model).model.layers[layer]
+        self.chunks: list[torch.Tensor] = []
+
+    def __enter__(self) -> "LayerInputs":
+        def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self.chunks.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        self.handle = self.layer.register_forward_pre_hook(record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+@torch.inference_mode()
+def top_layers_completion_logps(
+    model: torch.nn.Module,
+    first_layer: int,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    states: list[torch.Tensor],
+    pad_id: int,
+    batch_size: int,
+) -> list[list[float]]:
+    """Per-token log-probs of each completion given its prompt, as ``batched_completion_logps``, running
+    only layers ``first_layer`` and up: ``states[i]`` (``[p + c - 1, H]``) holds the hidden states entering
+    ``first_layer`` at the prompt's tokens and the completion's but its last, which is never an input."""
+    top = TopLayers(model, first_layer)
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        batch = collate_prompt_completion(prompts[chunk], completions[chunk], pad_id)
+        width = batch["completion_mask"].shape[1]
+        mask = batch["attention_mask"][:, :-1].clone()
+        prompt_width = mask.shape[1] + 1 - width
+        inputs = states[start].new_zeros(mask.shape[0], mask.shape[1], states[start].shape[-1])
+        for row, (prompt, completion, rows) in enumerate(
+            zip(prompts[chunk], completions[chunk], states[chunk], strict=True)
+        ):
+            inputs[row, prompt_width - len(prompt) : prompt_width + len(completion) - 1] = rows
+            mask[row, prompt_width + len(completion) - 1 :] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = top(
+            inputs_embeds=inputs.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=width,
+        ).logits
+        logps = gather_token_logps(logits, batch["input_ids"][:, -width:].to(device)).cpu()
+        out.extend(row[: len(c)].tolist() for row, c in zip(logps, completions[chunk], strict=True))
     return out
