@@ -47,15 +47,18 @@ headlines: install  ## The default experiment: news headlines with SmolLM2-135M 
 
 reproduce: bandit length-bandit headlines  ## Everything results/ shows: the bandits and the headlines experiment
 
-length: install  ## Paper A's length study: a beta sweep per (method, a), then experiment=length (results/length/)
-	$(PY) pipelines/run.py -m experiment=length_sweep method=dpo,copg method.beta=0.03,0.1,0.3
-	$(PY) pipelines/run.py -m experiment=length_sweep method=ipo method.beta=0.01,0.03,0.1
-	$(PY) pipelines/run.py -m experiment=length_sweep method=dpo,copg method.length_power=0.5 method.beta=0.13,0.4,1.2
-	$(PY) pipelines/run.py -m experiment=length_sweep method=ipo method.length_power=0.5 method.beta=0.04,0.13,0.4
-	$(PY) pipelines/run.py -m experiment=length_sweep method=avg_dpo,avg_copg method.beta=0.6,2,6
-	$(PY) pipelines/run.py -m experiment=length_sweep method=avg_ipo method.beta=0.2,0.6,2
-	$(PY) pipelines/sweep_report.py multirun/length_sweep_headlines --out results/length/beta_sweep --matched-kl 1 2 4
-	$(PY) pipelines/run.py experiment=length paths.results_dir=results/length
+# make length LENGTH_BIAS=0.01: the same study under a labeller that prefers longer headlines.
+LENGTH_BIAS ?= 0.0
+LENGTH_RUN := DIRECTALIGN_SWEEP_DIR=multirun/length_sweep_bias$(LENGTH_BIAS) $(PY) pipelines/run.py -m experiment=length_sweep task.gold.label_length_bias=$(LENGTH_BIAS)
+length: install  ## Paper A's length study: dpo, ipo, copg at a = 0, 0.5, 1, two betas each (results/length/)
+	$(LENGTH_RUN) method=dpo,copg method.beta=0.03,0.1
+	$(LENGTH_RUN) method=ipo method.beta=0.01,0.03
+	$(LENGTH_RUN) method=dpo,copg method.length_power=0.5 method.beta=0.13,0.45
+	$(LENGTH_RUN) method=ipo method.length_power=0.5 method.beta=0.045,0.13
+	$(LENGTH_RUN) method=dpo,copg method.length_power=1 method.beta=0.5,2
+	$(LENGTH_RUN) method=ipo method.length_power=1 method.beta=0.2,0.6
+	$(PY) pipelines/length_report.py sweep_dir=multirun/length_sweep_bias$(LENGTH_BIAS) \
+		out=results/length$(if $(filter 0.0,$(LENGTH_BIAS)),,_bias$(LENGTH_BIAS))
 
 beta-sweep: install  ## Pick each headlines method's beta on held-out prompts (results/headlines/beta_sweep/)
 	$(PY) pipelines/run.py -m experiment=beta_sweep method=dpo,copg method.beta=0.01,0.03,0.1,0.3

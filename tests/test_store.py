@@ -1,10 +1,14 @@
 """The store contract: skip on rerun, no manifest after a crash, keys follow upstream config."""
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 
 from directalign.store import MANIFEST, CorruptArtifactError, Store, stage_key
+from tests.conftest import ROOT
 
 
 def write_file(folder, name="out.txt", text="hello"):
@@ -92,3 +96,22 @@ def test_tampered_file_is_refused(tmp_path):
     (artifact.path / "out.txt").write_text("HELLO")
     with pytest.raises(CorruptArtifactError, match="out.txt"):
         store.load("sft", artifact.key)
+
+
+def test_manifest_states_the_stage_wall_time_and_stage_times_sums_it(tmp_path):
+    store = Store(tmp_path)
+
+    def slow(folder):
+        time.sleep(0.3)
+        return write_file(folder)
+
+    first = store.run("sft", {"lr": 1}, {}, slow)
+    store.run("reward", {"lr": 2}, {"sft": first}, write_file)
+    assert json.loads((first.path / MANIFEST).read_text())["wall_seconds"] >= 0.3
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "stage_times.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"| sft | {first.key} | 0 |" in table and "| all | 2 | 0.0 |" in table

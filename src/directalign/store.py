@@ -172,6 +172,7 @@ class Store:
                 return done
             folder.mkdir(exist_ok=True)
             log.info("%s: computing into %s", stage, folder)
+            start = time.monotonic()
             metrics = compute(folder)
             for name in scratch:
                 shutil.rmtree(folder / name, ignore_errors=True)
@@ -182,8 +183,12 @@ class Store:
                 "upstream": upstream_refs(upstream),
                 "metrics": metrics,
                 "files": self._file_list(folder),
+                # This attempt's time (a resumed stage's earlier attempts not counted): stage times for
+                # the budget of an experiment, read by `pipelines/stage_times.py`.
+                "wall_seconds": round(time.monotonic() - start, 1),
             }
             write_json_atomic(folder / MANIFEST, manifest)
+            log.info("%s: done in %.0f s", stage, manifest["wall_seconds"])
             return kind(stage, key, folder, manifest)
 
     def _follow_rank_zero(

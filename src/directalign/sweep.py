@@ -34,7 +34,17 @@ PICKS_FILE = "picks.json"
 SWEEP_COLUMNS = ("job", *SUMMARY_COLUMNS)
 # The metric a beta is picked on.
 SELECTION_METRIC = "proxy_reward"
-MATCHED_COLUMNS = ("method", "kl_to_ref", "proxy_reward", "proxy_se", "gold_reward", "gold_se", "betas")
+MATCHED_COLUMNS = (
+    "method",
+    "kl_to_ref",
+    "proxy_reward",
+    "proxy_se",
+    "gold_reward",
+    "gold_se",
+    "length_tokens",
+    "length_se",
+    "betas",
+)
 SERIES = (
     ("proxy_reward", "proxy reward (learned RM)"),
     ("gold_reward", "gold reward"),
@@ -121,20 +131,30 @@ def picks_of(groups: dict[str, list[dict[str, Any]]]) -> dict[str, Pick]:
     return picks
 
 
-def at_kl(group: list[dict[str, Any]], kl: float) -> dict[str, Any] | None:
-    """A method's scores at ``kl``, linearly interpolated between the two betas whose KLs bracket it
-    (standard errors interpolated likewise, an approximation); None outside the swept KLs."""
-    points = sorted(group, key=lambda r: r["kl_to_ref"])
+# The scores a curve carries, each with its standard error.
+CURVE_METRICS = (
+    ("proxy_reward", "proxy_se"),
+    ("gold_reward", "gold_se"),
+    ("length_tokens", "length_se"),
+    ("kl_to_ref", "kl_se"),
+)
+
+
+def at_value(group: list[dict[str, Any]], along: str, value: float) -> dict[str, Any] | None:
+    """A method's scores where its curve across beta reaches ``along == value`` (``kl_to_ref`` for
+    matched KL, ``length_tokens`` for matched length), linearly interpolated between the two betas that
+    bracket it, standard errors likewise (an approximation); None outside the swept range."""
+    points = sorted(group, key=lambda r: r[along])
     for low, high in zip(points, points[1:], strict=False):
-        if low["kl_to_ref"] <= kl <= high["kl_to_ref"]:
-            span = high["kl_to_ref"] - low["kl_to_ref"]
-            weight = 0.0 if span == 0 else (kl - low["kl_to_ref"]) / span
+        if low[along] <= value <= high[along]:
+            span = high[along] - low[along]
+            weight = 0.0 if span == 0 else (value - low[along]) / span
             betas = sorted((low["beta"], high["beta"]))
-            row = {"kl_to_ref": kl, "betas": f"{betas[0]:g}-{betas[1]:g}"}
-            for key in ("proxy_reward", "proxy_se", "gold_reward", "gold_se"):
+            row: dict[str, Any] = {"betas": f"{betas[0]:g}-{betas[1]:g}"}
+            for key in (k for pair in CURVE_METRICS for k in pair):
                 both = (low.get(key), high.get(key))
                 row[key] = None if None in both else (1 - weight) * both[0] + weight * both[1]
-            return row
+            return row | {along: value}
     return None
 
 
@@ -144,7 +164,7 @@ def matched_kl_rows(groups: dict[str, list[dict[str, Any]]], kls: Sequence[float
         {"method": name} | row
         for kl in kls
         for name, group in groups.items()
-        if (row := at_kl(group, kl)) is not None
+        if (row := at_value(group, "kl_to_ref", kl)) is not None
     ]
 
 

@@ -1,0 +1,158 @@
+"""Paper A's length question on a language model, read off beta sweeps.
+
+The length sweep (``make length``) trains and evaluates each loss (dpo, ipo, copg) at length powers
+a = 0 (summed log-ratios), 0.5 and 1 (averaged), a few betas each: every (loss, a) is one curve across
+beta, named as the sweep report names it (``"dpo a=1"``). Paper A's statement, that averaging trades the
+length of generations against their scores, splits into contrasts between two curves of one loss:
+
+- at matched KL to SFT, does averaging change the length (or the score) of samples?
+- at matched length, does it change the score?
+
+A claim reads both curves at one point of ``along`` (``kl_to_ref`` or ``length_tokens``): the middle
+of the range that both curves span, so neither is extrapolated, each by linear interpolation between
+the two betas that bracket the point (``sweep.at_value``). Its standard error combines the two
+interpolated standard errors as if they were independent. The policies are evaluated on the same
+prompts with the same random numbers, so their errors are positively correlated and this overstates
+the error of the difference: a verdict it decides would hold with the paired one. The verdict is
+``claims.py``'s rule (two standard errors). Curves that share no range give an inconclusive claim with
+``n = 0``.
+"""
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from directalign.claims import Claim, claims_table, verdict, write_claims
+from directalign.plots import plt, save_figure
+from directalign.sweep import CURVE_METRICS, at_value, collect_jobs, method_groups, write_sweep_report
+from directalign.validation import ConfigError
+
+log = logging.getLogger(__name__)
+
+STANDARD_ERRORS = dict(CURVE_METRICS)
+ALONG = {"kl_to_ref": "KL", "length_tokens": "length"}
+
+
+@dataclass(frozen=True)
+class CurveClaim:
+    """A claim that curve ``contrast[0]`` minus curve ``contrast[1]`` moves ``metric`` in ``direction``
+    (+1 up, -1 down) where both reach the same ``along``."""
+
+    claim: str
+    paper: str
+    contrast: tuple[str, str]
+    metric: str
+    along: str
+    direction: int
+
+    def __post_init__(self) -> None:
+        if self.metric not in STANDARD_ERRORS or self.along not in ALONG or self.metric == self.along:
+            raise ConfigError(
+                f"length claim {self.claim!r}: metric {self.metric!r} along {self.along!r}; metric one of"
+                f" {sorted(STANDARD_ERRORS)}, along one of {sorted(ALONG)}, not the same"
+            )
+        if self.direction not in (1, -1) or len(self.contrast) != 2:
+            raise ConfigError(f"length claim {self.claim!r}: direction +1 or -1 and a contrast of two curves")
+
+
+def overlap_midpoint(first: list[dict[str, Any]], second: list[dict[str, Any]], along: str) -> float | None:
+    """The middle of the range of ``along`` that both curves span; None if they share none."""
+    low = max(min(r[along] for r in first), min(r[along] for r in second))
+    high = min(max(r[along] for r in first), max(r[along] for r in second))
+    return (low + high) / 2 if low <= high else None
+
+
+def read_curve_claim(spec: CurveClaim, groups: dict[str, list[dict[str, Any]]]) -> Claim:
+    """``spec`` read off the sweep's curves (see the module docstring)."""
+    missing = [name for name in spec.contrast if name not in groups]
+    if missing:
+        raise ConfigError(
+            f"length claim {spec.claim!r}: no curve {missing} in the sweep (it has {sorted(groups)})"
+        )
+    first, second = (groups[name] for name in spec.contrast)
+    point = overlap_midpoint(first, second, spec.along)
+    label = f"{spec.contrast[0]} - {spec.contrast[1]}"
+    if point is None:
+        return Claim(
+            spec.claim,
+            spec.paper,
+            f"{label} (no common {ALONG[spec.along]})",
+            spec.metric,
+            spec.direction,
+            0.0,
+            0.0,
+            0,
+            verdict(0.0, 0.0, spec.direction),
+        )
+    ours, theirs = at_value(first, spec.along, point), at_value(second, spec.along, point)
+    se_key = STANDARD_ERRORS[spec.metric]
+    mean = ours[spec.metric] - theirs[spec.metric]
+    se = math.hypot(ours[se_key], theirs[se_key])
+    n = min(r["n_prompts"] for r in first + second)
+    contrast = f"{label} at {ALONG[spec.along]} {point:.3g}"
+    return Claim(
+        spec.claim,
+        spec.paper,
+        contrast,
+        spec.metric,
+        spec.direction,
+        mean,
+        se,
+        n,
+        verdict(mean, se, spec.direction),
+    )
+
+
+def plot_length_vs_score(
+    groups: dict[str, list[dict[str, Any]]], baselines: list[dict[str, Any]], path: Path
+) -> None:
+    """Gold and proxy reward against length, and length against KL: one curve per (loss, a) across its
+    betas (standard-error bars), SFT as a grey star."""
+    panels = (
+        ("length_tokens", "gold_reward", "gold reward"),
+        ("length_tokens", "proxy_reward", "proxy reward (learned RM)"),
+        ("kl_to_ref", "length_tokens", "length of samples (tokens)"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (x, y, label) in zip(axes[0], panels, strict=True):
+        for name, group in groups.items():
+            points = sorted(group, key=lambda r: r["beta"])
+            ax.errorbar(
+                [r[x] for r in points],
+                [r[y] for r in points],
+                xerr=[r.get(STANDARD_ERRORS[x]) or 0.0 for r in points],
+                yerr=[r.get(STANDARD_ERRORS[y]) or 0.0 for r in points],
+                marker="o",
+                ms=4,
+                capsize=2,
+                linestyle="--" if name.endswith("a=0") else "-",
+                label=name,
+            )
+        for baseline in baselines:
+            if baseline.get(y) is not None:
+                ax.plot([baseline[x] or 0.0], [baseline[y]], "*", color="grey", ms=12, label="sft")
+        ax.set_xlabel("KL(policy || SFT), nats" if x == "kl_to_ref" else "length of samples (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, "Length against score, each (loss, length power a) across its betas", path)
+
+
+def write_length_report(
+    sweep_dir: Path, out: Path, claims: Sequence[CurveClaim], matched_kl: Sequence[float] = ()
+) -> Path | None:
+    """The sweep report of ``sweep_dir`` in ``out``, plus ``length_vs_score.png`` and the claims
+    (``claims.json``, ``claims.md``); None when no job has evaluated anything."""
+    rows, baselines, _ = collect_jobs(Path(sweep_dir))
+    if write_sweep_report(Path(sweep_dir), out, matched_kl) is None:
+        return None
+    groups = method_groups(rows)
+    records = [read_curve_claim(spec, groups) for spec in claims]
+    write_claims(records, out / "claims.json")
+    (out / "claims.md").write_text(claims_table(records))
+    plot_length_vs_score(groups, baselines, out / "length_vs_score.png")
+    log.info("length report: %d curves, %d claims in %s", len(groups), len(records), out)
+    return out

@@ -1,0 +1,122 @@
+"""The length study's claims, read off two curves of one loss at the middle of their common range, by
+hand: interpolation between the bracketing betas, standard errors combined, the verdict rule."""
+
+import itertools
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from directalign.claims import read_claims
+from directalign.errors import ConfigError
+from directalign.length_study import CurveClaim, overlap_midpoint, write_length_report
+from directalign.report import SUMMARY_COLUMNS, PolicyResult, write_policies, write_table
+from tests.conftest import ROOT, compose_config
+
+
+def job(folder: Path, beta: float, length_power: float, kl: float, length: float, gold: float) -> None:
+    """A length-sweep job's results folder: the SFT row and one dpo policy."""
+    folder.mkdir(parents=True)
+    common = {"proxy_se": 0.1, "gold_se": 0.01, "length_se": 0.5, "kl_se": 0.2, "n_prompts": 64, "seed": 0}
+    rows = [
+        {"method": "sft", "proxy_reward": 0.0, "gold_reward": 0.3, "length_tokens": 18.0, "kl_to_ref": 0.0},
+        {
+            "method": "dpo",
+            "beta": beta,
+            "length_power": length_power,
+            "proxy_reward": 1.0,
+            "gold_reward": gold,
+            "length_tokens": length,
+            "kl_to_ref": kl,
+        },
+    ]
+    rows = [{column: None for column in SUMMARY_COLUMNS} | common | r for r in rows]
+    results = [
+        PolicyResult("sft", None, None, {}, [], policy="sft/0"),
+        PolicyResult("dpo", beta, length_power, {}, [], [], f"align/{beta}{length_power}"),
+    ]
+    write_table(rows, SUMMARY_COLUMNS, folder / "summary.csv")
+    write_policies(results, rows, [], folder)
+
+
+def claim(metric: str, along: str) -> CurveClaim:
+    return CurveClaim("averaging shortens", "Averaging (A)", ("dpo a=1", "dpo a=0"), metric, along, -1)
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    # dpo a=0: KL 2 -> 8 as beta falls, length 16 -> 20; dpo a=1: KL 1 -> 6, length 12 -> 14.
+    job(tmp_path / "s1" / "results", 0.3, 0.0, kl=2.0, length=16.0, gold=0.36)
+    job(tmp_path / "s2" / "results", 0.1, 0.0, kl=8.0, length=20.0, gold=0.40)
+    job(tmp_path / "a1" / "results", 6.0, 1.0, kl=1.0, length=12.0, gold=0.30)
+    job(tmp_path / "a2" / "results", 2.0, 1.0, kl=6.0, length=14.0, gold=0.38)
+    return tmp_path
+
+
+def test_length_at_matched_kl_is_read_in_the_middle_of_the_common_kl_range(sweep, tmp_path):
+    specs = [claim("length_tokens", "kl_to_ref"), claim("gold_reward", "length_tokens")]
+    out = write_length_report(sweep, tmp_path / "report", specs, matched_kl=[4])
+
+    at_kl, at_length = read_claims(out / "claims.json")
+    # KLs [2, 8] and [1, 6] share [2, 6]: read at 4. a=0: a third of the way from 16 to 20; a=1: three
+    # fifths of the way from 12 to 14. Standard errors 0.5 on each side.
+    assert at_kl.contrast == "dpo a=1 - dpo a=0 at KL 4"
+    assert at_kl.mean == pytest.approx((12 + 0.6 * 2) - (16 + 4 / 3))
+    assert at_kl.se == pytest.approx(math.hypot(0.5, 0.5))
+    assert at_kl.n == 64 and at_kl.verdict == "supported"
+    # Lengths [16, 20] and [12, 14] share nothing: no claim can be read.
+    assert at_length.n == 0 and at_length.verdict == "inconclusive"
+    assert "no common length" in at_length.contrast
+    assert (out / "length_vs_score.png").stat().st_size > 0
+    assert (out / "matched_kl.md").is_file()
+
+
+def test_a_claim_about_a_curve_the_sweep_lacks_is_refused(sweep, tmp_path):
+    spec = CurveClaim("x", "A", ("ipo a=1", "dpo a=0"), "length_tokens", "kl_to_ref", -1)
+    with pytest.raises(ConfigError, match=r"no curve \['ipo a=1'\]"):
+        write_length_report(sweep, tmp_path / "report", [spec])
+
+
+def test_a_claim_must_read_a_metric_along_another_axis():
+    with pytest.raises(ConfigError, match="along"):
+        claim("length_tokens", "length_tokens")
+
+
+def test_overlap_midpoint():
+    first = [{"kl_to_ref": 1.0}, {"kl_to_ref": 5.0}]
+    assert overlap_midpoint(first, [{"kl_to_ref": 3.0}, {"kl_to_ref": 9.0}], "kl_to_ref") == 4.0
+    assert overlap_midpoint(first, [{"kl_to_ref": 6.0}, {"kl_to_ref": 9.0}], "kl_to_ref") is None
+
+
+def make_length_jobs() -> list[list[str]]:
+    """The overrides of every job the Makefile's `length` target runs (its multiruns expanded)."""
+    jobs = []
+    makefile = (ROOT / "Makefile").read_text()
+    run = makefile.split("LENGTH_RUN := ")[1].splitlines()[0].split("run.py -m ")[1]
+    lines = makefile.split("\nlength:")[1].split("\n\n")[0].splitlines()
+    for line in lines:
+        if "$(LENGTH_RUN)" not in line:
+            continue
+        args = f"{run} {line.split('$(LENGTH_RUN)')[1]}".replace("$(LENGTH_BIAS)", "0.0")
+        overrides = [arg.split("=", 1) for arg in args.split()]
+        jobs += [
+            [f"{key}={value}" for key, value in zip([k for k, _ in overrides], combo, strict=True)]
+            for combo in itertools.product(*(values.split(",") for _, values in overrides))
+        ]
+    return jobs
+
+
+def test_make_length_sweeps_every_curve_its_claims_read(tmp_path):
+    """Each (loss, a) of the claims has at least two betas in `make length`, every job composes, and the
+    jobs share the upstream stages (one SFT, reward model and off-policy dataset)."""
+    curves = defaultdict(set)
+    for overrides in make_length_jobs():
+        cfg = compose_config(overrides, tmp_path)
+        curves[f"{cfg.method.loss} a={cfg.method.length_power:g}"].add(cfg.method.beta)
+        assert cfg.task.max_completion_tokens >= 48 and cfg.stage.evaluate.prompt_offset == 0
+    claims = OmegaConf.load(ROOT / "conf" / "length_report.yaml").claims
+    assert {name for claim in claims for name in claim.contrast} <= set(curves)
+    assert set(curves) == {f"{loss} a={a}" for loss in ("dpo", "ipo", "copg") for a in ("0", "0.5", "1")}
+    assert all(len(betas) >= 2 for betas in curves.values())
