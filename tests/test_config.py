@@ -46,8 +46,8 @@ def test_length_compares_each_loss_at_each_length_power_with_room_to_move(tmp_pa
 
 
 def test_length_sweep_jobs_train_what_the_length_run_trains(tmp_path):
-    """A sweep job at a compare entry's loss, beta and length_power has the same sft, reward, generate and
-    align keys: the length run reuses the sweep's alignment at each picked beta."""
+    """A sweep job at a compare entry's loss, beta and length_power has the same sft, reward, generate,
+    align and evaluation settings: after `make length`, the length run recomputes nothing."""
     run = compose_config(["experiment=length"], tmp_path)
     for name, method in run.compare.items():
         job = compose_config(
@@ -59,7 +59,7 @@ def test_length_sweep_jobs_train_what_the_length_run_trains(tmp_path):
             ],
             tmp_path,
         )
-        assert job.stage.evaluate.prompt_offset >= run.stage.evaluate.n_prompts
+        assert job.stage.evaluate == run.stage.evaluate
         for stage in (SFT, REWARD, GENERATE):
             assert stage.key_config(job) == stage.key_config(run)
         aligned = [
