@@ -59,6 +59,7 @@ length: install  ## Paper A's length study: dpo, ipo, copg at a = 0, 0.5, 1, two
 	$(LENGTH_RUN) method=ipo method.length_power=1 method.beta=0.2,0.6
 	$(PY) pipelines/length_report.py sweep_dir=multirun/length_sweep_bias$(LENGTH_BIAS) \
 		out=results/length$(if $(filter 0.0,$(LENGTH_BIAS)),,_bias$(LENGTH_BIAS))
+	$(PY) pipelines/results_readme.py results/README.md
 
 beta-sweep: install  ## Pick each headlines method's beta on held-out prompts (results/headlines/beta_sweep/)
 	$(PY) pipelines/run.py -m experiment=beta_sweep method=dpo,copg method.beta=0.01,0.03,0.1,0.3
