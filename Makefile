@@ -51,12 +51,14 @@ reproduce: bandit length-bandit headlines  ## Everything results/ shows: the ban
 LENGTH_BIAS ?= 0.0
 LENGTH_RUN := DIRECTALIGN_SWEEP_DIR=multirun/length_sweep_bias$(LENGTH_BIAS) $(PY) pipelines/run.py -m experiment=length_sweep task.gold.label_length_bias=$(LENGTH_BIAS)
 length: install  ## Paper A's length study: dpo, ipo, copg at a = 0, 0.5, 1, two betas each (results/length/)
-	$(LENGTH_RUN) method=dpo,copg method.beta=0.03,0.1
-	$(LENGTH_RUN) method=ipo method.beta=0.01,0.03
-	$(LENGTH_RUN) method=dpo,copg method.length_power=0.5 method.beta=0.13,0.45
-	$(LENGTH_RUN) method=ipo method.length_power=0.5 method.beta=0.045,0.13
-	$(LENGTH_RUN) method=dpo,copg method.length_power=1 method.beta=0.5,2
-	$(LENGTH_RUN) method=ipo method.length_power=1 method.beta=0.2,0.6
+	$(LENGTH_RUN) method=dpo,copg method.beta=0.01,0.1
+	$(LENGTH_RUN) method=ipo method.beta=0.003,0.03
+	$(LENGTH_RUN) method=dpo method.length_power=0.5 method.beta=0.7,2
+	$(LENGTH_RUN) method=copg method.length_power=0.5 method.beta=0.4,1.2
+	$(LENGTH_RUN) method=ipo method.length_power=0.5 method.beta=0.13,0.4
+	$(LENGTH_RUN) method=dpo method.length_power=1 method.beta=5,15
+	$(LENGTH_RUN) method=copg method.length_power=1 method.beta=1.5,4
+	$(LENGTH_RUN) method=ipo method.length_power=1 method.beta=0.6,2
 	$(PY) pipelines/length_report.py sweep_dir=multirun/length_sweep_bias$(LENGTH_BIAS) \
 		out=results/length$(if $(filter 0.0,$(LENGTH_BIAS)),,_bias$(LENGTH_BIAS))
 	$(PY) pipelines/results_readme.py results/README.md
