@@ -1,8 +1,7 @@
 """The length study's claims, read off two curves of one loss at the middle of their common range, by
-hand: interpolation between the bracketing betas, standard errors combined, the verdict rule."""
+hand: interpolation between the bracketing betas, the paired standard error, the verdict rule."""
 
 import itertools
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,8 +15,18 @@ from directalign.report import SUMMARY_COLUMNS, PolicyResult, write_policies, wr
 from tests.conftest import ROOT, compose_config
 
 
-def job(folder: Path, beta: float, length_power: float, kl: float, length: float, gold: float) -> None:
-    """A length-sweep job's results folder: the SFT row and one dpo policy."""
+def job(
+    folder: Path,
+    beta: float,
+    length_power: float,
+    kl: float,
+    length: float,
+    gold: float,
+    spread: tuple[float, float] | None = (0.0, 0.0),
+) -> None:
+    """A length-sweep job's results folder: the SFT row and one dpo policy whose two prompts' length
+    and KL lie ``spread`` (length, KL) below (p0) and above (p1) its means; None: no per-prompt means
+    (a job evaluated by an older version)."""
     folder.mkdir(parents=True)
     common = {"proxy_se": 0.1, "gold_se": 0.01, "length_se": 0.5, "kl_se": 0.2, "n_prompts": 64, "seed": 0}
     rows = [
@@ -33,9 +42,15 @@ def job(folder: Path, beta: float, length_power: float, kl: float, length: float
         },
     ]
     rows = [{column: None for column in SUMMARY_COLUMNS} | common | r for r in rows]
+    samples = [
+        {"id": prompt, "proxy_reward": 1.0, "gold_reward": gold}
+        | {"length_tokens": length + sign * spread[0], "logratio": kl + sign * spread[1]}
+        for prompt, sign in (("p0", -1), ("p1", 1))
+        if spread is not None
+    ]
     results = [
         PolicyResult("sft", None, None, {}, [], policy="sft/0"),
-        PolicyResult("dpo", beta, length_power, {}, [], [], f"align/{beta}{length_power}"),
+        PolicyResult("dpo", beta, length_power, {}, samples, [], f"align/{beta}{length_power}"),
     ]
     write_table(rows, SUMMARY_COLUMNS, folder / "summary.csv")
     write_policies(results, rows, [], folder)
@@ -47,11 +62,12 @@ def claim(metric: str, along: str) -> CurveClaim:
 
 @pytest.fixture
 def sweep(tmp_path) -> Path:
-    # dpo a=0: KL 2 -> 8 as beta falls, length 16 -> 20; dpo a=1: KL 1 -> 6, length 12 -> 14.
-    job(tmp_path / "s1" / "results", 0.3, 0.0, kl=2.0, length=16.0, gold=0.36)
-    job(tmp_path / "s2" / "results", 0.1, 0.0, kl=8.0, length=20.0, gold=0.40)
-    job(tmp_path / "a1" / "results", 6.0, 1.0, kl=1.0, length=12.0, gold=0.30)
-    job(tmp_path / "a2" / "results", 2.0, 1.0, kl=6.0, length=14.0, gold=0.38)
+    # dpo a=0: KL 2 -> 8 as beta falls, length 16 -> 20; dpo a=1: KL 1 -> 6, length 12 -> 14. Each job's
+    # two prompts spread around its means by (length, KL).
+    job(tmp_path / "s1" / "results", 0.3, 0.0, kl=2.0, length=16.0, gold=0.36, spread=(1.0, 0.0))
+    job(tmp_path / "s2" / "results", 0.1, 0.0, kl=8.0, length=20.0, gold=0.40, spread=(2.0, 1.0))
+    job(tmp_path / "a1" / "results", 6.0, 1.0, kl=1.0, length=12.0, gold=0.30, spread=(0.5, 0.5))
+    job(tmp_path / "a2" / "results", 2.0, 1.0, kl=6.0, length=14.0, gold=0.38, spread=(1.0, 0.0))
     return tmp_path
 
 
@@ -60,17 +76,40 @@ def test_length_at_matched_kl_is_read_in_the_middle_of_the_common_kl_range(sweep
     out = write_length_report(sweep, tmp_path / "report", specs, matched_kl=[4])
 
     at_kl, at_length = read_claims(out / "claims.json")
-    # KLs [2, 8] and [1, 6] share [2, 6]: read at 4. a=0: a third of the way from 16 to 20; a=1: three
-    # fifths of the way from 12 to 14. Standard errors 0.5 on each side.
+    # KLs [2, 8] and [1, 6] share [2, 6]: read at 4. a=0: a third of the way from 16 to 20 (slope 2/3 a
+    # nat); a=1: three fifths of the way from 12 to 14 (slope 2/5).
     assert at_kl.contrast == "dpo a=1 - dpo a=0 at KL 4"
     assert at_kl.mean == pytest.approx((12 + 0.6 * 2) - (16 + 4 / 3))
-    assert at_kl.se == pytest.approx(math.hypot(0.5, 0.5))
-    assert at_kl.n == 64 and at_kl.verdict == "supported"
+    # Prompt p1's term moves each curve by (1 - t)(length + - slope KL +) of low plus t(...) of high
+    # (p0's by minus that): a=1 2/5 (0.5 - 2/5 0.5) + 3/5 (1 - 0); a=0 2/3 (1 - 0) + 1/3 (2 - 2/3 1).
+    # Two prompts whose differences lie c either side of the mean: standard error c.
+    ours, theirs = 2 / 5 * (0.5 - 2 / 5 * 0.5) + 3 / 5 * 1, 2 / 3 * 1 + 1 / 3 * (2 - 2 / 3 * 1)
+    assert at_kl.se == pytest.approx(abs(ours - theirs))
+    assert at_kl.n == 2 and at_kl.verdict == "supported"
     # Lengths [16, 20] and [12, 14] share nothing: no claim can be read.
     assert at_length.n == 0 and at_length.verdict == "inconclusive"
     assert "no common length" in at_length.contrast
     assert (out / "length_vs_score.png").stat().st_size > 0
     assert (out / "matched_kl.md").is_file()
+
+
+def test_prompt_effects_the_curves_share_cancel_in_the_paired_error(tmp_path):
+    # Every job's prompts spread alike in length and not in KL: the difference is the same on both
+    # prompts, so its standard error is 0 where the unpaired one would be 0.5 x sqrt(2).
+    for name, beta, a, kl, length in (("s1", 0.3, 0.0, 2.0, 16.0), ("s2", 0.1, 0.0, 8.0, 20.0)) + (
+        ("a1", 6.0, 1.0, 1.0, 12.0),
+        ("a2", 2.0, 1.0, 6.0, 14.0),
+    ):
+        job(tmp_path / name / "results", beta, a, kl=kl, length=length, gold=0.3, spread=(3.0, 0.0))
+    out = write_length_report(tmp_path, tmp_path / "report", [claim("length_tokens", "kl_to_ref")])
+    (at_kl,) = read_claims(out / "claims.json")
+    assert at_kl.se == pytest.approx(0.0, abs=1e-12) and at_kl.n == 2
+
+
+def test_a_job_without_per_prompt_means_is_refused_in_one_line(sweep, tmp_path):
+    job(sweep / "old" / "results", 1.0, 1.0, kl=3.0, length=13.0, gold=0.3, spread=None)
+    with pytest.raises(ConfigError, match="job old/results has no per-prompt length_tokens"):
+        write_length_report(sweep, tmp_path / "report", [claim("length_tokens", "kl_to_ref")])
 
 
 def test_a_claim_about_a_curve_the_sweep_lacks_is_refused(sweep, tmp_path):

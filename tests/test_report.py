@@ -35,6 +35,10 @@ def test_report_writes_the_contract_and_the_policy_records(tmp_path):
     assert [r["method"] for r in records] == ["sft", "dpo"] and records[0]["beta"] is None
     assert records[1]["curve"] == results[1].curve and records[1]["policy"] == results[1].policy
     assert {k: records[1][k] for k in SUMMARY_COLUMNS} == rows[1]
+    # one sample a prompt: each prompt's mean is its sample's value (dpo's samples: offset 0.3)
+    assert records[1]["prompt_means"]["length_tokens"] == {"p0": 5, "p1": 6, "p2": 7, "p3": 8}
+    assert records[1]["prompt_means"]["kl_to_ref"] == {f"p{i}": 0.3 for i in range(4)}
+    assert records[1]["prompt_means"]["proxy_reward"]["p2"] == pytest.approx(0.5)
 
 
 def test_paired_difference_by_hand():

@@ -4,9 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from directalign.stages import ALIGN, EVALUATE, GENERATE, REWARD, SFT
-from directalign.store import Artifact, stage_key
-from tests.conftest import compose_config
+from directalign.artifacts import AlignedPolicy
+from directalign.stages import ALIGN, ALIGN_ON_TRUNK, EVALUATE, GENERATE, REWARD, SFT
+from directalign.stages.context import StageContext
+from directalign.stages.trunk import frozen_trunk
+from directalign.store import MANIFEST, Artifact, Store, stage_key
+from directalign.tasks import build_task
+from directalign.validation import methods_to_align
+from tests.conftest import MINI_SMOKE, completed, compose_config, reuse_tokenizer
 
 # The stage that fills each input role of another stage.
 ROLE_STAGE = {"sft": "sft", "reward": "reward", "offpolicy": "generate", "policy": "align"}
@@ -65,3 +70,30 @@ def test_every_declared_path_exists_in_the_composed_config():
         config = stage.key_config(cfg)
         assert set(config) == set(stage.key), stage.name
         assert all(value is not None for value in config.values()), stage.name
+
+
+@pytest.mark.slow
+def test_no_curve_prompts_align_without_a_reward_curve_and_the_same_weights(mini_reference, tmp_path):
+    """The reward curve only watches: with ``curve_prompts=0`` a method trains to the reference run's
+    weights, bit for bit, and its artifact holds an empty curve."""
+    reuse_tokenizer(mini_reference, tmp_path)
+    cfg = compose_config([*MINI_SMOKE, "stage.align.curve_prompts=0"], tmp_path)
+    store, reference = Store(cfg.paths.store), Store(mini_reference / "store")
+    ctx = StageContext(cfg, store, build_task(cfg.task, store.root / "tasks" / cfg.task.name))
+    sft, reward, offpolicy = (completed(reference, stage) for stage in (SFT, REWARD, GENERATE))
+    inputs = {"sft": sft, "reward": reward, "offpolicy": offpolicy} | frozen_trunk(ctx, sft, offpolicy)
+    name, method = next(iter(methods_to_align(cfg).items()))
+    aligned = (ALIGN_ON_TRUNK if "trunk" in inputs else ALIGN).run(ctx.for_method(name, method, 0), inputs)
+
+    def weights(artifact: Artifact) -> dict[str, str]:
+        files = artifact.manifest["files"]
+        return {f["path"]: f["sha256"] for f in files if f["path"].endswith(".safetensors")}
+
+    with_curve = [
+        reference.load(ALIGN.name, manifest.parent.name, AlignedPolicy)
+        for manifest in reference.root.glob(f"{ALIGN.name}/*/{MANIFEST}")
+    ]
+    settings = ("loss", "beta", "length_power")
+    twin = next(a for a in with_curve if all(a.method[k] == method[k] for k in settings))
+    assert aligned.curve() == [] and len(twin.curve()) >= 2
+    assert weights(aligned) and weights(aligned) == weights(twin)

@@ -10,22 +10,24 @@ length of generations against their scores, splits into contrasts between two cu
 
 A claim reads both curves at one point of ``along`` (``kl_to_ref`` or ``length_tokens``): the middle
 of the range that both curves span, so neither is extrapolated, each by linear interpolation between
-the two betas that bracket the point (``sweep.at_value``). Its standard error combines the two
-interpolated standard errors as if they were independent. The policies are evaluated on the same
-prompts with the same random numbers, so their errors are positively correlated and this overstates
-the error of the difference: a verdict it decides would hold with the paired one. The verdict is
-``claims.py``'s rule (two standard errors). Curves that share no range give an inconclusive claim with
-``n = 0``.
+the two betas that bracket the point (``sweep.at_value``). Every policy answered the same prompts with the
+same random numbers, so the standard error is paired, over prompts: each prompt's term in the difference
+of the two interpolated values, to first order in its per-prompt means (``prompt_terms``). That term also
+carries the error of where each curve reaches the point, since ``along`` (KL or length) is estimated from
+the same samples; the point itself is held fixed. The verdict is ``claims.py``'s rule (two standard
+errors). Curves that share no range give an inconclusive claim with ``n = 0``.
 """
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from directalign.claims import Claim, claims_table, verdict, write_claims
+from directalign.estimates import mean_and_se
 from directalign.plots import plt, save_figure
 from directalign.sweep import CURVE_METRICS, at_value, collect_jobs, method_groups, write_sweep_report
 from directalign.validation import ConfigError
@@ -65,6 +67,34 @@ def overlap_midpoint(first: list[dict[str, Any]], second: list[dict[str, Any]], 
     return (low + high) / 2 if low <= high else None
 
 
+def prompt_terms(group: list[dict[str, Any]], metric: str, along: str, point: float) -> dict[str, float]:
+    """Each prompt's term in a curve's ``metric`` at ``along == point``, to first order.
+
+    Between the bracketing betas (low, high) the curve reads ``f = (1 - t) m_low + t m_high`` with
+    ``t = (point - a_low) / (a_high - a_low)``, ``m`` and ``a`` the means over prompts of ``metric`` and
+    ``along``. Its derivatives are ``1 - t`` and ``t`` in ``m_low`` and ``m_high``, and ``-s (1 - t)`` and
+    ``-s t`` in ``a_low`` and ``a_high`` (``s`` the slope between them), so prompt i moves it by
+    ``(1 - t) (m_low,i - s a_low,i) + t (m_high,i - s a_high,i)``: terms whose mean is ``f - s point``
+    and whose spread over prompts gives ``f``'s standard error.
+    """
+    points = sorted(group, key=lambda r: r[along])
+    low, high = next(
+        (lo, hi) for lo, hi in zip(points, points[1:], strict=False) if lo[along] <= point <= hi[along]
+    )
+    span = high[along] - low[along]
+    weight = 0.0 if span == 0 else (point - low[along]) / span
+    slope = 0.0 if span == 0 else (high[metric] - low[metric]) / span
+    means = [(row["prompt_means"][metric], row["prompt_means"][along]) for row in (low, high)]
+    prompts = set.intersection(*(set(values) for pair in means for values in pair))
+    return {
+        prompt: sum(
+            share * (values[prompt] - slope * position[prompt])
+            for share, (values, position) in zip((1 - weight, weight), means, strict=True)
+        )
+        for prompt in prompts
+    }
+
+
 def read_curve_claim(spec: CurveClaim, groups: dict[str, list[dict[str, Any]]]) -> Claim:
     """``spec`` read off the sweep's curves (see the module docstring)."""
     missing = [name for name in spec.contrast if name not in groups]
@@ -73,6 +103,12 @@ def read_curve_claim(spec: CurveClaim, groups: dict[str, list[dict[str, Any]]]) 
             f"length claim {spec.claim!r}: no curve {missing} in the sweep (it has {sorted(groups)})"
         )
     first, second = (groups[name] for name in spec.contrast)
+    for row in first + second:
+        if not {spec.metric, spec.along} <= set(row.get("prompt_means", {})):
+            raise ConfigError(
+                f"length claim {spec.claim!r}: job {row['job']} has no per-prompt {spec.metric} and"
+                f" {spec.along} (evaluated by an older version): run its command again to rewrite its results"
+            )
     point = overlap_midpoint(first, second, spec.along)
     label = f"{spec.contrast[0]} - {spec.contrast[1]}"
     if point is None:
@@ -88,10 +124,10 @@ def read_curve_claim(spec: CurveClaim, groups: dict[str, list[dict[str, Any]]]) 
             verdict(0.0, 0.0, spec.direction),
         )
     ours, theirs = at_value(first, spec.along, point), at_value(second, spec.along, point)
-    se_key = STANDARD_ERRORS[spec.metric]
     mean = ours[spec.metric] - theirs[spec.metric]
-    se = math.hypot(ours[se_key], theirs[se_key])
-    n = min(r["n_prompts"] for r in first + second)
+    ours_terms, theirs_terms = (prompt_terms(c, spec.metric, spec.along, point) for c in (first, second))
+    prompts = sorted(set(ours_terms) & set(theirs_terms))
+    _, se = mean_and_se(np.asarray([ours_terms[p] - theirs_terms[p] for p in prompts]))
     contrast = f"{label} at {ALONG[spec.along]} {point:.3g}"
     return Claim(
         spec.claim,
@@ -101,7 +137,7 @@ def read_curve_claim(spec: CurveClaim, groups: dict[str, list[dict[str, Any]]]) 
         spec.direction,
         mean,
         se,
-        n,
+        len(prompts),
         verdict(mean, se, spec.direction),
     )
 

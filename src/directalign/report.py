@@ -21,7 +21,7 @@ import numpy as np
 from directalign.artifacts import AlignedPolicy, EvalRecord
 from directalign.best_of_n import best_of_n
 from directalign.claims import Claim, build_claim, claims_table, win_tie_loss, write_claims
-from directalign.estimates import mean_and_se, paired_difference
+from directalign.estimates import mean_and_se, paired_difference, per_prompt_means
 from directalign.plots import plot_against, plot_curves, scores_of
 from directalign.prompts import Prompts
 
@@ -345,12 +345,24 @@ def write_report(
 def write_policies(
     results: list[PolicyResult], rows: list[dict[str, Any]], frontier: list[dict[str, Any]], out: Path
 ) -> None:
-    """Each policy's summary row with its curve and store artifact, for the sweep report to read back."""
+    """Each policy's summary row with its curve, store artifact and per-prompt means, for the sweep
+    report to read back (two jobs' policies answered the same prompts: their scores can be paired)."""
     records = [
-        row | {"kind": "baseline" if r.beta is None else "aligned", "curve": r.curve, "policy": r.policy}
+        row
+        | {"kind": "baseline" if r.beta is None else "aligned", "curve": r.curve, "policy": r.policy}
+        | {"prompt_means": prompt_means(r.own_samples)}
         for r, row in zip(results, rows, strict=True)
     ] + [row | {"kind": "best_of_n", "curve": [], "policy": results[0].policy} for row in frontier]
     (out / POLICIES_FILE).write_text(json.dumps(records, indent=2))
+
+
+def prompt_means(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Every summary metric the samples carry, as its mean over each prompt's samples (by prompt id)."""
+    return {
+        metric: per_prompt_means(samples, name)
+        for metric, name in SAMPLE_FIELDS.items()
+        if samples and samples[0].get(name) is not None
+    }
 
 
 def log_wandb(rows: list[dict[str, Any]], curves: list[tuple[str, list]], out: Path, **init: Any) -> Path:

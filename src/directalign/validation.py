@@ -242,7 +242,7 @@ def _check_stages(cfg: DictConfig) -> None:
     _count("stage.reward.max_pairs", stage.reward.max_pairs, optional=True)
     _count("stage.generate.max_prompts", stage.generate.max_prompts, optional=True)
     _count("stage.align.curve_every_n_steps", stage.align.curve_every_n_steps)
-    _count("stage.align.curve_prompts", stage.align.curve_prompts)
+    _count("stage.align.curve_prompts", stage.align.curve_prompts, minimum=0)
     _count("stage.align.prompts_per_batch", stage.align.prompts_per_batch)
     _count("stage.evaluate.n_prompts", stage.evaluate.n_prompts)
     _count("stage.evaluate.prompt_offset", stage.evaluate.prompt_offset, minimum=0)

@@ -56,13 +56,20 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
         shuffle=True,
         collate_fn=partial(collate, pad_id=ctx.tokenizer.pad_token_id),
     )
-    curve = RewardCurve(
-        ctx.tokenizer,
-        ctx.prompts("eval", stage_cfg.curve_prompts, sft.context_length),
-        ctx.scorer(reward),
-        stage_cfg.curve_every_n_steps,
-        cfg.task.max_completion_tokens,
-        cfg.stage.evaluate.batch_size,
+    # curve_prompts 0: no curve (greedy decoding costs seconds a point whatever the number of prompts).
+    curves = (
+        [
+            RewardCurve(
+                ctx.tokenizer,
+                ctx.prompts("eval", stage_cfg.curve_prompts, sft.context_length),
+                ctx.scorer(reward),
+                stage_cfg.curve_every_n_steps,
+                cfg.task.max_completion_tokens,
+                cfg.stage.evaluate.batch_size,
+            )
+        ]
+        if stage_cfg.curve_prompts
+        else []
     )
 
     def build():
@@ -78,11 +85,11 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
         f"align-{method.name}-b{method.beta}",
         tags,
         loader,
-        callbacks=[curve],
+        callbacks=curves,
     )
     if model is not None:
         AlignedPolicy.save(folder, model, ctx.tokenizer)
-        AlignedPolicy.save_curve(folder, curve.points)
+        AlignedPolicy.save_curve(folder, curves[0].points if curves else [])
     return {
         "train_pairs": n_pairs,
         "n_ties": n_ties,
