@@ -56,9 +56,9 @@ length: install  ## Paper A's length study: dpo, ipo, copg at a = 0, 0.5, 1, two
 	$(LENGTH_RUN) method=dpo method.length_power=0.5 method.beta=0.7,2
 	$(LENGTH_RUN) method=copg method.length_power=0.5 method.beta=0.4,1.2
 	$(LENGTH_RUN) method=ipo method.length_power=0.5 method.beta=0.13,0.4
-	$(LENGTH_RUN) method=dpo method.length_power=1 method.beta=5,15
+	$(LENGTH_RUN) method=dpo method.length_power=1 method.beta=2.5,5
 	$(LENGTH_RUN) method=copg method.length_power=1 method.beta=1.5,4
-	$(LENGTH_RUN) method=ipo method.length_power=1 method.beta=0.6,2
+	$(LENGTH_RUN) method=ipo method.length_power=1 method.beta=0.3,0.6
 	$(PY) pipelines/length_report.py sweep_dir=multirun/length_sweep_bias$(LENGTH_BIAS) \
 		out=results/length$(if $(filter 0.0,$(LENGTH_BIAS)),,_bias$(LENGTH_BIAS))
 	$(PY) pipelines/results_readme.py results/README.md
