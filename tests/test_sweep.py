@@ -15,9 +15,11 @@ from tests.conftest import ROOT
 from tests.test_wandb import read_offline_run
 
 
-def fake_job(folder: Path, method: str, beta: float, proxy: float, kl: float | None = None) -> None:
+def fake_job(
+    folder: Path, method: str, beta: float, proxy: float, kl: float | None = None, curve: bool = True
+) -> None:
     """A job's results folder as the pipeline writes it: the SFT row, the aligned policy (gold half its
-    proxy), then best-of-2 over the SFT samples."""
+    proxy, its reward curve unless ``curve`` is false), then best-of-2 over the SFT samples."""
     folder.mkdir(parents=True)
 
     def row(name, b, a, proxy_reward, kl_to_ref, length):
@@ -45,6 +47,7 @@ def fake_job(folder: Path, method: str, beta: float, proxy: float, kl: float | N
     curve = [
         {"step": s, "proxy_reward": s * proxy, "gold_reward": s * proxy / 2, "length_tokens": 12.0}
         for s in (0, 2)
+        if curve
     ]
     results = [
         PolicyResult("sft", None, None, {}, [], policy="sft/0"),
@@ -83,7 +86,22 @@ def test_sweep_report_picks_each_methods_beta_by_proxy_and_says_whether_interior
     assert "**ipo**: beta 0.01 (proxy 0.6" in summary and "at the grid's lowest beta" in summary
     for plot in ("reward_vs_beta.png", "reward_vs_kl.png", "reward_vs_step_best_beta.png"):
         assert (out / plot).stat().st_size > 0, plot
+        assert f"]({plot})" in summary, plot
     assert write_sweep_report(tmp_path) == out, "a rerun must not read its own report as a job"
+
+
+def test_jobs_without_reward_curves_get_no_reward_vs_step_plot(tmp_path):
+    for beta in (0.1, 0.3):
+        fake_job(tmp_path / f"dpo_{beta}" / "results", "dpo", beta, 0.5, curve=False)
+    out = tmp_path / REPORT_DIR
+    out.mkdir()
+    (out / "reward_vs_step_best_beta.png").write_bytes(b"a plot of an earlier report")
+
+    write_sweep_report(tmp_path)
+
+    assert not (out / "reward_vs_step_best_beta.png").exists()
+    assert "reward_vs_step" not in (out / "sweep_summary.md").read_text()
+    assert (out / "reward_vs_kl.png").stat().st_size > 0
 
 
 def test_scores_at_matched_kl_are_interpolated_along_each_methods_betas(tmp_path):

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = "sweep_report"
 PICKS_FILE = "picks.json"
+BEST_CURVES_PLOT = "reward_vs_step_best_beta.png"
 SWEEP_COLUMNS = ("job", *SUMMARY_COLUMNS)
 # The metric a beta is picked on.
 SELECTION_METRIC = "proxy_reward"
@@ -296,15 +297,16 @@ def write_sweep_report(
         "",
         "![reward vs beta](reward_vs_beta.png)",
         "",
-        "![reward vs step at the picked beta](reward_vs_step_best_beta.png)",
-        "",
     ]
-    (out / "sweep_summary.md").write_text("\n".join(lines))
     plot_reward_vs_beta(groups, baselines, out / "reward_vs_beta.png")
     plot_reward_vs_kl(groups, frontier, out / "reward_vs_kl.png")
     best = {name: next(r for r in groups[name] if r["beta"] == p.beta) for name, p in picks.items()}
+    # Jobs trained without a reward curve (stage.align.curve_prompts=0) have no reward-vs-step plot.
+    (out / BEST_CURVES_PLOT).unlink(missing_ok=True)
     if any(row["curve"] for row in best.values()):
-        plot_best_curves(best, out / "reward_vs_step_best_beta.png")
+        plot_best_curves(best, out / BEST_CURVES_PLOT)
+        lines += [f"![reward vs step at the picked beta]({BEST_CURVES_PLOT})", ""]
+    (out / "sweep_summary.md").write_text("\n".join(lines))
     log.info("sweep report of %d policies written to %s", len(rows), out)
     return out
 
