@@ -1,6 +1,7 @@
 """The length study's claims, read off two curves of one loss at the middle of their common range, by
 hand: interpolation between the bracketing betas, the paired standard error, the verdict rule."""
 
+import csv
 import itertools
 from collections import defaultdict
 from pathlib import Path
@@ -48,8 +49,12 @@ def job(
         for prompt, sign in (("p0", -1), ("p1", 1))
         if spread is not None
     ]
+    sft_samples = [
+        {"id": prompt, "proxy_reward": 0.0, "gold_reward": 0.3, "length_tokens": length, "logratio": 0.0}
+        for prompt, length in (("p0", 17), ("p1", 19))
+    ]
     results = [
-        PolicyResult("sft", None, None, {}, [], policy="sft/0"),
+        PolicyResult("sft", None, None, {}, sft_samples, policy="sft/0"),
         PolicyResult("dpo", beta, length_power, {}, samples, [], f"align/{beta}{length_power}"),
     ]
     write_table(rows, SUMMARY_COLUMNS, folder / "summary.csv")
@@ -91,6 +96,19 @@ def test_length_at_matched_kl_is_read_in_the_middle_of_the_common_kl_range(sweep
     assert "no common length" in at_length.contrast
     assert (out / "length_vs_score.png").stat().st_size > 0
     assert (out / "matched_kl.md").is_file()
+    # SFT's samples run 17 and 19 tokens: mean 18, tenth percentile 17.2; then every policy by curve.
+    with (out / "length_distribution.csv").open() as handle:
+        distribution = list(csv.DictReader(handle))
+    assert [r["policy"] for r in distribution] == [
+        "sft",
+        "dpo a=0 beta=0.1",
+        "dpo a=0 beta=0.3",
+        "dpo a=1 beta=2",
+        "dpo a=1 beta=6",
+    ]
+    assert float(distribution[0]["mean"]) == 18 and float(distribution[0]["q10"]) == pytest.approx(17.2)
+    # dpo a=0 at beta 0.1: mean length 20, spread 2 tokens either side
+    assert (float(distribution[1]["q50"]), float(distribution[1]["q90"])) == pytest.approx((20, 21.6))
 
 
 def test_prompt_effects_the_curves_share_cancel_in_the_paired_error(tmp_path):

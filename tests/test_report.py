@@ -39,6 +39,7 @@ def test_report_writes_the_contract_and_the_policy_records(tmp_path):
     assert records[1]["prompt_means"]["length_tokens"] == {"p0": 5, "p1": 6, "p2": 7, "p3": 8}
     assert records[1]["prompt_means"]["kl_to_ref"] == {f"p{i}": 0.3 for i in range(4)}
     assert records[1]["prompt_means"]["proxy_reward"]["p2"] == pytest.approx(0.5)
+    assert records[1]["sample_lengths"] == [5, 6, 7, 8]
 
 
 def test_paired_difference_by_hand():

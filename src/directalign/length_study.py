@@ -29,6 +29,7 @@ import numpy as np
 from directalign.claims import Claim, claims_table, verdict, write_claims
 from directalign.estimates import mean_and_se
 from directalign.plots import plt, save_figure
+from directalign.report import write_table
 from directalign.sweep import CURVE_METRICS, at_value, collect_jobs, method_groups, write_sweep_report
 from directalign.validation import ConfigError
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 STANDARD_ERRORS = dict(CURVE_METRICS)
 ALONG = {"kl_to_ref": "KL", "length_tokens": "length"}
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+DISTRIBUTION_COLUMNS = ("policy", "samples", "mean", *(f"q{round(q * 100)}" for q in QUANTILES), "eos_rate")
 
 
 @dataclass(frozen=True)
@@ -146,14 +149,14 @@ def plot_length_vs_score(
     groups: dict[str, list[dict[str, Any]]], baselines: list[dict[str, Any]], path: Path
 ) -> None:
     """Gold and proxy reward against length, and length against KL: one curve per (loss, a) across its
-    betas (standard-error bars), SFT as a grey star."""
+    betas (standard-error bars), SFT as a grey star; last, the histogram of SFT's sample lengths."""
     panels = (
         ("length_tokens", "gold_reward", "gold reward"),
         ("length_tokens", "proxy_reward", "proxy reward (learned RM)"),
         ("kl_to_ref", "length_tokens", "length of samples (tokens)"),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
-    for ax, (x, y, label) in zip(axes[0], panels, strict=True):
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 4.5), squeeze=False)
+    for ax, (x, y, label) in zip(axes[0][:-1], panels, strict=True):
         for name, group in groups.items():
             points = sorted(group, key=lambda r: r["beta"])
             ax.errorbar(
@@ -173,15 +176,51 @@ def plot_length_vs_score(
         ax.set_xlabel("KL(policy || SFT), nats" if x == "kl_to_ref" else "length of samples (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    histogram = axes[0][-1]
+    for baseline in baselines:
+        histogram.hist(sample_lengths(baseline), bins=24, color="grey", alpha=0.7, label="sft samples")
+    histogram.set_xlabel("length of SFT's samples (tokens)")
+    histogram.set_ylabel("samples")
+    histogram.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     save_figure(fig, "Length against score, each (loss, length power a) across its betas", path)
+
+
+def sample_lengths(record: dict[str, Any]) -> np.ndarray:
+    if not record.get("sample_lengths"):
+        raise ConfigError(
+            f"length report: {record.get('job', record['method'])} has no sample lengths (evaluated by an"
+            " older version): run its command again to rewrite its results"
+        )
+    return np.asarray(record["sample_lengths"], dtype=float)
+
+
+def length_distribution(
+    groups: dict[str, list[dict[str, Any]]], baselines: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The lengths of each policy's samples: SFT's first, then every (loss, a) by beta; ``eos_rate`` is
+    the share that ended before the budget."""
+    named = [("sft", b) for b in baselines] + [
+        (f"{name} beta={row['beta']:g}", row) for name, group in groups.items() for row in group
+    ]
+    rows = []
+    for name, record in named:
+        lengths = sample_lengths(record)
+        quantiles = {f"q{round(q * 100)}": float(np.quantile(lengths, q)) for q in QUANTILES}
+        rows.append(
+            {"policy": name, "samples": lengths.size, "mean": float(lengths.mean())}
+            | quantiles
+            | {"eos_rate": record.get("eos_rate")}
+        )
+    return rows
 
 
 def write_length_report(
     sweep_dir: Path, out: Path, claims: Sequence[CurveClaim], matched_kl: Sequence[float] = ()
 ) -> Path | None:
-    """The sweep report of ``sweep_dir`` in ``out``, plus ``length_vs_score.png`` and the claims
-    (``claims.json``, ``claims.md``); None when no job has evaluated anything."""
+    """The sweep report of ``sweep_dir`` in ``out``, plus ``length_vs_score.png``, the samples' length
+    distributions (``length_distribution.md``, SFT's drawn in the plot) and the claims (``claims.json``,
+    ``claims.md``); None when no job has evaluated anything."""
     rows, baselines, _ = collect_jobs(Path(sweep_dir))
     if write_sweep_report(Path(sweep_dir), out, matched_kl) is None:
         return None
@@ -190,5 +229,11 @@ def write_length_report(
     write_claims(records, out / "claims.json")
     (out / "claims.md").write_text(claims_table(records))
     plot_length_vs_score(groups, baselines, out / "length_vs_score.png")
+    write_table(
+        length_distribution(groups, baselines),
+        DISTRIBUTION_COLUMNS,
+        out / "length_distribution.csv",
+        "Lengths of the evaluation samples (tokens): mean, quantiles, share ending before the budget",
+    )
     log.info("length report: %d curves, %d claims in %s", len(groups), len(records), out)
     return out

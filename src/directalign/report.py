@@ -345,12 +345,14 @@ def write_report(
 def write_policies(
     results: list[PolicyResult], rows: list[dict[str, Any]], frontier: list[dict[str, Any]], out: Path
 ) -> None:
-    """Each policy's summary row with its curve, store artifact and per-prompt means, for the sweep
-    report to read back (two jobs' policies answered the same prompts: their scores can be paired)."""
+    """Each policy's summary row with its curve, store artifact, per-prompt means and sample lengths, for
+    the sweep report to read back (two jobs' policies answered the same prompts: their scores can be
+    paired)."""
     records = [
         row
         | {"kind": "baseline" if r.beta is None else "aligned", "curve": r.curve, "policy": r.policy}
         | {"prompt_means": prompt_means(r.own_samples)}
+        | {"sample_lengths": sorted(s["length_tokens"] for s in r.own_samples)}
         for r, row in zip(results, rows, strict=True)
     ] + [row | {"kind": "best_of_n", "curve": [], "policy": results[0].policy} for row in frontier]
     (out / POLICIES_FILE).write_text(json.dumps(records, indent=2))
