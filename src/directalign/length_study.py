@@ -30,7 +30,14 @@ from directalign.claims import Claim, claims_table, verdict, write_claims
 from directalign.estimates import mean_and_se
 from directalign.plots import plt, save_figure
 from directalign.report import write_table
-from directalign.sweep import CURVE_METRICS, at_value, collect_jobs, method_groups, write_sweep_report
+from directalign.sweep import (
+    CURVE_METRICS,
+    at_value,
+    bracket,
+    collect_jobs,
+    method_groups,
+    write_sweep_report,
+)
 from directalign.validation import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,12 +87,8 @@ def prompt_terms(group: list[dict[str, Any]], metric: str, along: str, point: fl
     ``(1 - t) (m_low,i - s a_low,i) + t (m_high,i - s a_high,i)``: terms whose mean is ``f - s point``
     and whose spread over prompts gives ``f``'s standard error.
     """
-    points = sorted(group, key=lambda r: r[along])
-    low, high = next(
-        (lo, hi) for lo, hi in zip(points, points[1:], strict=False) if lo[along] <= point <= hi[along]
-    )
+    low, high, weight = bracket(group, along, point)
     span = high[along] - low[along]
-    weight = 0.0 if span == 0 else (point - low[along]) / span
     slope = 0.0 if span == 0 else (high[metric] - low[metric]) / span
     means = [(row["prompt_means"][metric], row["prompt_means"][along]) for row in (low, high)]
     prompts = set.intersection(*(set(values) for pair in means for values in pair))
@@ -130,7 +133,7 @@ def read_curve_claim(spec: CurveClaim, groups: dict[str, list[dict[str, Any]]]) 
     mean = ours[spec.metric] - theirs[spec.metric]
     ours_terms, theirs_terms = (prompt_terms(c, spec.metric, spec.along, point) for c in (first, second))
     prompts = sorted(set(ours_terms) & set(theirs_terms))
-    _, se = mean_and_se(np.asarray([ours_terms[p] - theirs_terms[p] for p in prompts]))
+    _, se = mean_and_se([ours_terms[p] - theirs_terms[p] for p in prompts])
     contrast = f"{label} at {ALONG[spec.along]} {point:.3g}"
     return Claim(
         spec.claim,
@@ -187,6 +190,7 @@ def plot_length_vs_score(
 
 
 def sample_lengths(record: dict[str, Any]) -> np.ndarray:
+    """A policy record's sample lengths; a record written before they were kept is refused in one line."""
     if not record.get("sample_lengths"):
         raise ConfigError(
             f"length report: {record.get('job', record['method'])} has no sample lengths (evaluated by an"

@@ -141,22 +141,32 @@ CURVE_METRICS = (
 )
 
 
-def at_value(group: list[dict[str, Any]], along: str, value: float) -> dict[str, Any] | None:
-    """A method's scores where its curve across beta reaches ``along == value`` (``kl_to_ref`` for
-    matched KL, ``length_tokens`` for matched length), linearly interpolated between the two betas that
-    bracket it, standard errors likewise (an approximation); None outside the swept range."""
+def bracket(
+    group: list[dict[str, Any]], along: str, value: float
+) -> tuple[dict[str, Any], dict[str, Any], float] | None:
+    """The two rows of a method's curve across beta whose ``along`` brackets ``value``, and ``value``'s
+    weight on the higher (0 at the lower row, 1 at the higher); None outside the swept range."""
     points = sorted(group, key=lambda r: r[along])
     for low, high in zip(points, points[1:], strict=False):
         if low[along] <= value <= high[along]:
             span = high[along] - low[along]
-            weight = 0.0 if span == 0 else (value - low[along]) / span
-            betas = sorted((low["beta"], high["beta"]))
-            row: dict[str, Any] = {"betas": f"{betas[0]:g}-{betas[1]:g}"}
-            for key in (k for pair in CURVE_METRICS for k in pair):
-                both = (low.get(key), high.get(key))
-                row[key] = None if None in both else (1 - weight) * both[0] + weight * both[1]
-            return row | {along: value}
+            return low, high, 0.0 if span == 0 else (value - low[along]) / span
     return None
+
+
+def at_value(group: list[dict[str, Any]], along: str, value: float) -> dict[str, Any] | None:
+    """A method's scores where its curve across beta reaches ``along == value`` (``kl_to_ref`` for
+    matched KL, ``length_tokens`` for matched length), linearly interpolated between the two betas that
+    bracket it, standard errors likewise (an approximation); None outside the swept range."""
+    if (found := bracket(group, along, value)) is None:
+        return None
+    low, high, weight = found
+    betas = sorted((low["beta"], high["beta"]))
+    row: dict[str, Any] = {"betas": f"{betas[0]:g}-{betas[1]:g}"}
+    for key in (k for pair in CURVE_METRICS for k in pair):
+        both = (low.get(key), high.get(key))
+        row[key] = None if None in both else (1 - weight) * both[0] + weight * both[1]
+    return row | {along: value}
 
 
 def matched_kl_rows(groups: dict[str, list[dict[str, Any]]], kls: Sequence[float]) -> list[dict[str, Any]]:
