@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test lint smoke reproduce bandit length-bandit headlines beta-sweep length sweep bench gpu-check clean
+.PHONY: help install test lint smoke reproduce bandit length-bandit headlines beta-sweep length sweep bench gpu-check recompute clean
 
 help:  ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,25 +41,25 @@ bandit: install  ## Paper B's toy bandit (Figure 1) into results/bandit/
 length-bandit: install  ## Exact length study on the toy bandit into results/length_bandit/
 	$(PY) pipelines/length_bandit.py
 
-headlines: install  ## The default experiment: news headlines with SmolLM2-135M (up to an hour on CPU)
-	$(PY) pipelines/run.py experiment=headlines paths.results_dir=results/headlines
+# Each method a curve of two betas, two training seeds each (conf/experiment/frontier.yaml).
+FRONTIER_RUN := $(PY) pipelines/run.py -m experiment=frontier
+headlines: install  ## The default experiment: paper B's claims on the reward-KL frontier of news headlines with SmolLM2-135M
+	$(FRONTIER_RUN) method=dpo method.beta=0.2,0.06
+	$(FRONTIER_RUN) method=ipo method.beta=0.03,0.01
+	$(FRONTIER_RUN) method=copg method.beta=0.1,0.04
+	$(PY) pipelines/frontier_report.py
 	$(PY) pipelines/results_readme.py results/README.md
 
-reproduce: bandit length-bandit headlines  ## Everything results/ shows: the bandits and the headlines experiment
+reproduce: bandit length-bandit headlines  ## The bandits and the default experiment (results/bandit, length_bandit, headlines)
 
 # make length LENGTH_BIAS=0.01: the same study under a labeller that prefers longer headlines.
 LENGTH_BIAS ?= 0.0
 LENGTH_RUN := DIRECTALIGN_SWEEP_DIR=multirun/length_sweep_bias$(LENGTH_BIAS) $(PY) pipelines/run.py -m experiment=length_sweep task.gold.label_length_bias=$(LENGTH_BIAS)
-length: install  ## Paper A's length study: dpo, ipo, copg at a = 0, 0.5, 1, two betas each (results/length/)
+length: install  ## Paper A's length study: dpo and copg at a = 0 and 1, two betas and two seeds each (results/length/)
 	$(LENGTH_RUN) method=dpo,copg method.beta=0.01,0.1
-	$(LENGTH_RUN) method=ipo method.beta=0.003,0.03
-	$(LENGTH_RUN) method=dpo method.length_power=0.5 method.beta=0.7,2
-	$(LENGTH_RUN) method=copg method.length_power=0.5 method.beta=0.4,1.2
-	$(LENGTH_RUN) method=ipo method.length_power=0.5 method.beta=0.13,0.4
 	$(LENGTH_RUN) method=dpo method.length_power=1 method.beta=2.5,5
 	$(LENGTH_RUN) method=copg method.length_power=1 method.beta=1.5,4
-	$(LENGTH_RUN) method=ipo method.length_power=1 method.beta=0.3,0.6
-	$(PY) pipelines/length_report.py sweep_dir=multirun/length_sweep_bias$(LENGTH_BIAS) \
+	$(PY) pipelines/frontier_report.py --config-name length_report sweep_dir=multirun/length_sweep_bias$(LENGTH_BIAS) \
 		out=results/length$(if $(filter 0.0,$(LENGTH_BIAS)),,_bias$(LENGTH_BIAS))
 	$(PY) pipelines/results_readme.py results/README.md
 
@@ -80,6 +80,9 @@ bench: install  ## Align step against TRL's DPOTrainer, and sampling throughput 
 
 gpu-check: install  ## On a GPU: smoke with trainer=gpu (bf16), align-step throughput and MFU of a 1B model
 	$(PY) pipelines/gpu_check.py
+
+recompute: install  ## Recompute every claims.json of results/ from its per-prompt data; fails if one differs
+	$(PY) pipelines/recompute_claims.py --check
 
 clean:  ## Remove local run outputs (never results/ or the store)
 	rm -rf outputs multirun

@@ -1,5 +1,5 @@
-"""Claims as data: the verdict rule on hand-made numbers, claims.json, the README table, and win/tie/loss
-with ties decided by texts and an exact sign test."""
+"""Claims as data: p, Holm's adjustment and the verdict rule on hand-made numbers, claims.json, the README
+table, and win/tie/loss with ties decided by texts and an exact sign test."""
 
 import json
 import math
@@ -9,18 +9,21 @@ import pytest
 from directalign.claims import (
     CLAIM_KEYS,
     CLAIMS_BLOCK,
-    Claim,
+    Estimate,
     build_claim,
     claims_table,
+    family,
+    holm,
     read_claims,
     render_claim_blocks,
     sign_test_p_value,
+    two_sided_p,
     verdict,
     win_tie_loss,
     write_claims,
 )
+from directalign.errors import ConfigError, DataError
 from directalign.estimates import PairedDifference, paired_difference
-from directalign.validation import ConfigError, DataError
 from tests.conftest import ROOT
 
 GOLD_CLAIM = ("CoPG beats DPO on gold reward", "paper B", "copg - dpo", "gold_reward")
@@ -33,39 +36,88 @@ def difference(values: list[float]) -> PairedDifference:
     return paired_difference([policy], [baseline], "gold_reward")
 
 
+def test_two_sided_p_by_hand():
+    # 2 standard errors from zero: 2 * (1 - Phi(2)) = 0.0455; a claim not read or a zero mean: 1.
+    assert two_sided_p(0.2, 0.1, 50) == pytest.approx(0.04550026)
+    assert two_sided_p(-0.2, 0.1, 50) == pytest.approx(0.04550026)
+    assert two_sided_p(0.0, 0.0, 50) == 1.0 and two_sided_p(0.3, 0.1, 0) == 1.0
+    assert two_sided_p(0.3, 0.0, 50) == 0.0
+
+
+def test_holm_by_hand():
+    # Sorted 0.01, 0.02, 0.04, 0.3 times 4, 3, 2, 1: 0.04, 0.06, 0.08, 0.3 (already increasing).
+    assert holm([0.04, 0.01, 0.3, 0.02]) == pytest.approx([0.08, 0.04, 0.3, 0.06])
+    # The running maximum: 0.01 x 3 = 0.03, then 0.011 x 2 = 0.022 is raised to 0.03; capped at 1.
+    assert holm([0.011, 0.01, 0.9]) == pytest.approx([0.03, 0.03, 0.9])
+    assert holm([0.6, 0.5]) == [1.0, 1.0]
+
+
 @pytest.mark.parametrize(
-    ("mean", "se", "direction", "expected"),
+    ("mean", "p_holm", "direction", "expected"),
     [
-        (0.3, 0.1, 1, "supported"),
-        (0.2, 0.1, 1, "supported"),  # exactly 2 se away counts
-        (-0.3, 0.1, -1, "supported"),
-        (-0.3, 0.1, 1, "contradicted"),
-        (0.3, 0.1, -1, "contradicted"),
-        (0.19, 0.1, 1, "inconclusive"),
-        (-0.19, 0.1, -1, "inconclusive"),
+        (0.3, 0.01, 1, "supported"),
+        (-0.3, 0.01, -1, "supported"),
+        (-0.3, 0.01, 1, "contradicted"),
+        (0.3, 0.01, -1, "contradicted"),
+        (0.3, 0.01, 0, "supported"),  # two-sided: a difference either way
+        (-0.3, 0.01, 0, "supported"),
+        (0.3, 0.05, 1, "inconclusive"),  # 0.05 is not below the level
+        (0.3, 0.2, 0, "inconclusive"),
         (0.0, 0.0, 1, "inconclusive"),  # identical outputs everywhere
     ],
 )
-def test_verdict_rule(mean, se, direction, expected):
-    assert verdict(mean, se, direction) == expected
+def test_verdict_rule(mean, p_holm, direction, expected):
+    assert verdict(mean, p_holm, direction) == expected
+
+
+def estimate(name: str, mean: float, se: float, direction: int = 1) -> Estimate:
+    return Estimate(
+        name, "paper B", "copg - dpo", "gold_reward", direction, "matched_kl", 5.0, 2, mean, se, 100
+    )
+
+
+def test_a_family_adjusts_every_claim_with_holm():
+    # Alone, 0.021 +- 0.01 (p 0.036) is supported. Beside claims of p 0.0027 and 0.32 it is the second
+    # smallest of three: Holm multiplies it by 2, to 0.071, and it is no longer decided.
+    alone = family([estimate("a", 0.021, 0.01)])
+    assert alone[0].verdict == "supported" and alone[0].p_holm == alone[0].p
+    three = family([estimate("a", 0.021, 0.01), estimate("b", -0.03, 0.01), estimate("c", 0.01, 0.01)])
+    assert three[0].p == alone[0].p and three[0].p_holm == pytest.approx(2 * alone[0].p)
+    assert three[0].verdict == "inconclusive"
+    assert (
+        three[1].p_holm == pytest.approx(3 * two_sided_p(0.03, 0.01, 1))
+        and three[1].verdict == "contradicted"
+    )
+    assert three[2].p_holm == pytest.approx(two_sided_p(0.01, 0.01, 1))
 
 
 def test_claim_from_paired_differences_by_hand():
     # differences 0.3, 0.2, 0.4, 0.3: mean 0.3; squared deviations 0, 0.01, 0.01, 0 sum to 0.02;
-    # sample variance 0.02 / 3; se sqrt(0.02 / 3) / 2 = 0.0408, and 0.3 >= 2 * 0.0408.
-    claim = build_claim(*GOLD_CLAIM, 1, difference([0.3, 0.2, 0.4, 0.3]))
+    # sample variance 0.02 / 3; se sqrt(0.02 / 3) / 2 = 0.0408, p = 2 (1 - Phi(7.35)) ~ 2e-13.
+    (claim,) = family([build_claim(*GOLD_CLAIM, 1, difference([0.3, 0.2, 0.4, 0.3]))])
     assert claim.mean == pytest.approx(0.3) and claim.se == pytest.approx(math.sqrt(0.02 / 3) / 2)
-    assert (claim.n, claim.direction, claim.verdict) == (4, 1, "supported")
-    assert build_claim(*GOLD_CLAIM, -1, difference([0.3, 0.2, 0.4, 0.3])).verdict == "contradicted"
-    # differences 0.1, 0, 0.2, 0: mean 0.075, se sqrt(0.0275 / 3) / 2 = 0.0479, 2 se = 0.0957 > 0.075
-    assert build_claim(*GOLD_CLAIM, 1, difference([0.1, 0.0, 0.2, 0.0])).verdict == "inconclusive"
+    assert (claim.n, claim.direction, claim.protocol, claim.seeds, claim.verdict) == (
+        4,
+        1,
+        "at_beta",
+        1,
+        "supported",
+    )
+    assert (
+        family([build_claim(*GOLD_CLAIM, -1, difference([0.3, 0.2, 0.4, 0.3]))])[0].verdict == "contradicted"
+    )
+    # differences 0.1, 0, 0.2, 0: mean 0.075, se 0.0479: p 0.117
+    (weak,) = family([build_claim(*GOLD_CLAIM, 1, difference([0.1, 0.0, 0.2, 0.0]))])
+    assert weak.verdict == "inconclusive" and weak.p == pytest.approx(0.1175, abs=1e-3)
 
 
 def test_claims_that_cannot_be_tested_are_refused():
     with pytest.raises(
-        ConfigError, match=r"^claim 'CoPG beats DPO on gold reward': direction=0 must be \+1 or -1$"
+        ConfigError, match=r"^claim 'CoPG beats DPO on gold reward': direction=2 must be \+1, -1 or 0$"
     ):
-        build_claim(*GOLD_CLAIM, 0, difference([0.3, 0.2]))
+        build_claim(*GOLD_CLAIM, 2, difference([0.3, 0.2]))
+    with pytest.raises(ConfigError, match=r"protocol 'at_random' is not one of"):
+        build_claim(*GOLD_CLAIM, 1, difference([0.3, 0.2]), protocol="at_random")
     with pytest.raises(
         DataError, match=r"1 paired differences of gold_reward, 0 not finite; needs at least 2"
     ):
@@ -75,61 +127,93 @@ def test_claims_that_cannot_be_tested_are_refused():
 
 
 def test_claims_json_round_trip_with_the_exact_keys(tmp_path):
-    claims = [
-        build_claim(*GOLD_CLAIM, 1, difference([0.3, 0.2, 0.4, 0.3])),
-        build_claim(
-            "IPO is shorter than DPO",
-            "paper A",
-            "ipo - dpo",
-            "length_tokens",
-            -1,
-            difference([-2.0, 1.0, 0.0]),
-        ),
-    ]
+    claims = family(
+        [
+            build_claim(*GOLD_CLAIM, 1, difference([0.3, 0.2, 0.4, 0.3])),
+            build_claim(
+                "IPO is shorter than DPO",
+                "paper A",
+                "ipo - dpo",
+                "length_tokens",
+                -1,
+                difference([-2.0, 1.0, 0.0]),
+            ),
+        ]
+    )
     path = tmp_path / "claims.json"
 
     write_claims(claims, path)
 
     records = json.loads(path.read_text())
-    expected_keys = ["claim", "paper", "contrast", "metric", "direction", "mean", "se", "n", "verdict"]
+    expected_keys = ["claim", "paper", "contrast", "metric", "direction", "protocol", "at", "seeds"]
+    expected_keys += ["mean", "se", "n", "p", "p_holm", "verdict"]
     assert list(CLAIM_KEYS) == expected_keys
     assert [list(record) for record in records] == [expected_keys, expected_keys]
     assert records[1]["verdict"] == "inconclusive" and records[1]["n"] == 3
     assert read_claims(path) == claims
 
 
-def test_claims_json_with_other_keys_or_a_wrong_verdict_is_refused(tmp_path):
+def test_claims_json_with_other_keys_or_a_wrong_p_or_verdict_is_refused(tmp_path):
     path = tmp_path / "claims.json"
-    record = {
-        key: value for key, value in zip(CLAIM_KEYS, (*GOLD_CLAIM, 1, 0.3, 0.1, 4, "supported"), strict=True)
-    }
-    path.write_text(json.dumps([record, {**record, "verdict": "contradicted"}]))
+    (claim,) = family([build_claim(*GOLD_CLAIM, 1, difference([0.3, 0.2, 0.4, 0.3]))])
+    record = json.loads(json.dumps(claim.__dict__))
+    path.write_text(json.dumps([record | {"verdict": "contradicted"}]))
     with pytest.raises(
-        DataError, match=r"claims\.json row 1: verdict 'contradicted', the rule gives 'supported'"
+        DataError, match=r"claims\.json row 0: verdict 'contradicted', the rule gives 'supported'"
     ):
         read_claims(path)
-    path.write_text(json.dumps([{**record, "p_value": 0.01}]))
+    path.write_text(json.dumps([record | {"p_holm": 0.5}]))
+    with pytest.raises(DataError, match=r"claims\.json row 0: p_holm 0\.5, the rule gives"):
+        read_claims(path)
+    path.write_text(json.dumps([record | {"p_value": 0.01}]))
     with pytest.raises(DataError, match=r"claims\.json row 0: keys \[.*'p_value'.*\] are not the claim keys"):
         read_claims(path)
 
 
 def test_markdown_table():
-    claims = [
-        Claim("CoPG wins | gold", "paper B", "copg - dpo", "gold_reward", 1, 0.3, 0.0408, 4, "supported"),
-        Claim(
-            "IPO is shorter", "paper A", "ipo - dpo", "length_tokens", -1, -0.333, 0.882, 3, "inconclusive"
-        ),
-    ]
+    claims = family(
+        [
+            Estimate(
+                "CoPG wins | gold",
+                "paper B",
+                "copg - dpo",
+                "gold_reward",
+                1,
+                "matched_kl",
+                6.0,
+                2,
+                0.3,
+                0.0408,
+                4,
+            ),
+            Estimate(
+                "IPO is shorter",
+                "paper A",
+                "ipo - dpo",
+                "length_tokens",
+                0,
+                "at_pick",
+                None,
+                1,
+                -0.333,
+                0.882,
+                3,
+            ),
+        ]
+    )
     assert claims_table(claims) == (
-        "| claim | paper | contrast | metric | claimed | mean ± se | n | verdict |\n"
-        "|---|---|---|---|---|---|---|---|\n"
-        "| CoPG wins \\| gold | paper B | copg - dpo | gold_reward | > 0 | +0.3 ± 0.041 | 4 | supported |\n"
-        "| IPO is shorter | paper A | ipo - dpo | length_tokens | < 0 | -0.333 ± 0.88 | 3 | inconclusive |\n"
+        "| claim | paper | protocol | contrast | metric | claimed | mean ± se | seeds | n | p | p (Holm)"
+        " | verdict |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| CoPG wins \\| gold | paper B | matched kl 6 | copg - dpo | gold_reward | > 0 | +0.3 ± 0.041"
+        " | 2 | 4 | 1.9e-13 | 3.9e-13 | supported |\n"
+        "| IPO is shorter | paper A | at pick | ipo - dpo | length_tokens | ≠ 0 | -0.333 ± 0.88 | 1 | 3"
+        " | 0.71 | 0.71 | inconclusive |\n"
     )
 
 
 def test_claims_blocks_of_a_readme_are_rendered_from_the_files_they_name(tmp_path):
-    claim = Claim("CoPG wins", "paper B", "copg - dpo", "gold_reward", 1, 0.3, 0.0408, 4, "supported")
+    (claim,) = family([estimate("CoPG wins", 0.3, 0.0408)])
     (tmp_path / "run").mkdir()
     write_claims([claim], tmp_path / "run" / "claims.json")
     readme = (

@@ -1,5 +1,6 @@
 """The length study's claims, read off two curves of one loss at the middle of their common range, by
-hand: interpolation between the bracketing betas, the paired standard error, the verdict rule."""
+hand: interpolation between the bracketing betas, the paired standard error, the verdict rule; and the
+jobs `make length` runs."""
 
 import csv
 import itertools
@@ -10,8 +11,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from directalign.claims import read_claims
-from directalign.errors import ConfigError
-from directalign.length_study import CurveClaim, overlap_midpoint, write_length_report
+from directalign.errors import ConfigError, DataError
+from directalign.frontier import ClaimSpec
+from directalign.length_study import write_length_report
 from directalign.report import SUMMARY_COLUMNS, PolicyResult, write_policies, write_table
 from tests.conftest import ROOT, compose_config
 
@@ -61,8 +63,12 @@ def job(
     write_policies(results, rows, [], folder)
 
 
-def claim(metric: str, along: str) -> CurveClaim:
-    return CurveClaim("averaging shortens", "Averaging (A)", ("dpo a=1", "dpo a=0"), metric, along, -1)
+def claim(metric: str, along: str) -> ClaimSpec:
+    return ClaimSpec("averaging shortens", "Averaging (A)", ("dpo a=1", "dpo a=0"), metric, -1, along)
+
+
+def report(sweep: Path, out: Path, specs: list[ClaimSpec], matched_kl=()) -> Path:
+    return write_length_report(sweep, out, specs, {"length_tokens": 0.5}, matched_kl)
 
 
 @pytest.fixture
@@ -78,12 +84,12 @@ def sweep(tmp_path) -> Path:
 
 def test_length_at_matched_kl_is_read_in_the_middle_of_the_common_kl_range(sweep, tmp_path):
     specs = [claim("length_tokens", "kl_to_ref"), claim("gold_reward", "length_tokens")]
-    out = write_length_report(sweep, tmp_path / "report", specs, matched_kl=[4])
+    out = report(sweep, tmp_path / "report", specs, matched_kl=[4])
 
     at_kl, at_length = read_claims(out / "claims.json")
     # KLs [2, 8] and [1, 6] share [2, 6]: read at 4. a=0: a third of the way from 16 to 20 (slope 2/3 a
     # nat); a=1: three fifths of the way from 12 to 14 (slope 2/5).
-    assert at_kl.contrast == "dpo a=1 - dpo a=0 at KL 4"
+    assert (at_kl.contrast, at_kl.protocol, at_kl.at) == ("dpo a=1 - dpo a=0", "matched_kl", 4.0)
     assert at_kl.mean == pytest.approx((12 + 0.6 * 2) - (16 + 4 / 3))
     # Prompt p1's term moves each curve by (1 - t)(length + - slope KL +) of low plus t(...) of high
     # (p0's by minus that): a=1 2/5 (0.5 - 2/5 0.5) + 3/5 (1 - 0); a=0 2/3 (1 - 0) + 1/3 (2 - 2/3 1).
@@ -92,8 +98,8 @@ def test_length_at_matched_kl_is_read_in_the_middle_of_the_common_kl_range(sweep
     assert at_kl.se == pytest.approx(abs(ours - theirs))
     assert at_kl.n == 2 and at_kl.verdict == "supported"
     # Lengths [16, 20] and [12, 14] share nothing: no claim can be read.
-    assert at_length.n == 0 and at_length.verdict == "inconclusive"
-    assert "no common length" in at_length.contrast
+    assert at_length.n == 0 and at_length.verdict == "inconclusive" and at_length.at is None
+    assert at_length.protocol == "matched_length" and at_length.p == 1.0
     assert (out / "length_vs_score.png").stat().st_size > 0
     assert (out / "matched_kl.md").is_file()
     # SFT's samples run 17 and 19 tokens: mean 18, tenth percentile 17.2; then every policy by curve.
@@ -101,10 +107,10 @@ def test_length_at_matched_kl_is_read_in_the_middle_of_the_common_kl_range(sweep
         distribution = list(csv.DictReader(handle))
     assert [r["policy"] for r in distribution] == [
         "sft",
-        "dpo a=0 beta=0.1",
-        "dpo a=0 beta=0.3",
-        "dpo a=1 beta=2",
-        "dpo a=1 beta=6",
+        "dpo a=0 beta=0.1 seed=0",
+        "dpo a=0 beta=0.3 seed=0",
+        "dpo a=1 beta=2 seed=0",
+        "dpo a=1 beta=6 seed=0",
     ]
     assert float(distribution[0]["mean"]) == 18 and float(distribution[0]["q10"]) == pytest.approx(17.2)
     # dpo a=0 at beta 0.1: mean length 20, spread 2 tokens either side
@@ -119,32 +125,26 @@ def test_prompt_effects_the_curves_share_cancel_in_the_paired_error(tmp_path):
         ("a2", 2.0, 1.0, 6.0, 14.0),
     ):
         job(tmp_path / name / "results", beta, a, kl=kl, length=length, gold=0.3, spread=(3.0, 0.0))
-    out = write_length_report(tmp_path, tmp_path / "report", [claim("length_tokens", "kl_to_ref")])
+    out = report(tmp_path, tmp_path / "report", [claim("length_tokens", "kl_to_ref")])
     (at_kl,) = read_claims(out / "claims.json")
     assert at_kl.se == pytest.approx(0.0, abs=1e-12) and at_kl.n == 2
 
 
 def test_a_job_without_per_prompt_means_is_refused_in_one_line(sweep, tmp_path):
     job(sweep / "old" / "results", 1.0, 1.0, kl=3.0, length=13.0, gold=0.3, spread=None)
-    with pytest.raises(ConfigError, match="job old/results has no per-prompt length_tokens"):
-        write_length_report(sweep, tmp_path / "report", [claim("length_tokens", "kl_to_ref")])
+    with pytest.raises(DataError, match="job old/results has no per-prompt means"):
+        report(sweep, tmp_path / "report", [claim("length_tokens", "kl_to_ref")])
 
 
 def test_a_claim_about_a_curve_the_sweep_lacks_is_refused(sweep, tmp_path):
-    spec = CurveClaim("x", "A", ("ipo a=1", "dpo a=0"), "length_tokens", "kl_to_ref", -1)
+    spec = ClaimSpec("x", "A", ("ipo a=1", "dpo a=0"), "length_tokens", -1, "kl_to_ref")
     with pytest.raises(ConfigError, match=r"no curve \['ipo a=1'\]"):
-        write_length_report(sweep, tmp_path / "report", [spec])
+        report(sweep, tmp_path / "report", [spec])
 
 
 def test_a_claim_must_read_a_metric_along_another_axis():
     with pytest.raises(ConfigError, match="along"):
         claim("length_tokens", "length_tokens")
-
-
-def test_overlap_midpoint():
-    first = [{"kl_to_ref": 1.0}, {"kl_to_ref": 5.0}]
-    assert overlap_midpoint(first, [{"kl_to_ref": 3.0}, {"kl_to_ref": 9.0}], "kl_to_ref") == 4.0
-    assert overlap_midpoint(first, [{"kl_to_ref": 6.0}, {"kl_to_ref": 9.0}], "kl_to_ref") is None
 
 
 def make_length_jobs() -> list[list[str]]:
@@ -166,14 +166,15 @@ def make_length_jobs() -> list[list[str]]:
 
 
 def test_make_length_sweeps_every_curve_its_claims_read(tmp_path):
-    """Each (loss, a) of the claims has at least two betas in `make length`, every job composes, and the
-    jobs share the upstream stages (one SFT, reward model and off-policy dataset)."""
+    """Each (loss, a) of the claims has at least two betas in `make length`, each trained with two seeds,
+    and every job composes."""
     curves = defaultdict(set)
     for overrides in make_length_jobs():
         cfg = compose_config(overrides, tmp_path)
         curves[f"{cfg.method.loss} a={cfg.method.length_power:g}"].add(cfg.method.beta)
         assert cfg.task.max_completion_tokens >= 48 and cfg.stage.evaluate.prompt_offset == 0
+        assert len(cfg.method.seeds) >= 2
     claims = OmegaConf.load(ROOT / "conf" / "length_report.yaml").claims
     assert {name for claim in claims for name in claim.contrast} <= set(curves)
-    assert set(curves) == {f"{loss} a={a}" for loss in ("dpo", "ipo", "copg") for a in ("0", "0.5", "1")}
+    assert set(curves) == {f"{loss} a={a}" for loss in ("dpo", "copg") for a in ("0", "1")}
     assert all(len(betas) >= 2 for betas in curves.values())

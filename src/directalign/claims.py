@@ -2,15 +2,19 @@
 verdict, written to ``claims.json`` and rendered as a table, so that what a README says was checked is
 exactly what the run measured.
 
-Verdict rule. A claim says that ``contrast`` (e.g. "copg - dpo") moves ``metric`` (a summary.csv metric
-such as gold_reward) in ``direction`` (+1 up, -1 down). With the paired difference's mean and standard
-error ``se`` over the prompts:
+A claim says that ``contrast`` (e.g. "copg - dpo") moves ``metric`` (a summary.csv metric such as
+gold_reward) in ``direction`` (+1 up, -1 down, 0: a difference either way, the direction found reported
+by the mean's sign). It is read under a ``protocol``: at matched KL or matched length (``at`` the point,
+both policies read off their reward-KL curves, ``frontier.py``), at each method's picked beta
+(``at_pick``), or at the betas a run configured (``at_beta``). Its paired difference gives a mean and
+a standard error ``se`` over prompts (and training seeds), and from them a two-sided ``p`` under the
+normal approximation. Every claims file is one family: ``p_holm`` is Holm's step-down adjustment over
+its rows (sort p ascending, ``p_holm_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``), which controls the
+chance of any false verdict in the file with no assumption about how the rows depend on each other.
 
-- supported: ``|mean| >= 2 se`` and the sign of the mean is the claimed direction;
-- contradicted: ``|mean| >= 2 se`` and the sign is the opposite;
-- inconclusive: otherwise, and whenever ``mean == 0`` (identical outputs give ``se == 0`` as well).
-
-2 se is a two-sided test at about 5% under the normal approximation of a mean over prompts.
+Verdict rule, on ``p_holm`` at level 0.05: **supported** when ``p_holm < 0.05`` and the mean's sign is the
+claimed direction (any sign for a two-sided claim); **contradicted** when ``p_holm < 0.05`` and the sign
+is the opposite; **inconclusive** otherwise, and whenever ``mean == 0``.
 """
 
 import json
@@ -21,46 +25,108 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import binomtest  # scipy comes with scikit-learn, a dependency
+from scipy.stats import binomtest, norm  # scipy comes with scikit-learn, a dependency
 
+from directalign.errors import ConfigError, DataError
 from directalign.estimates import PairedDifference
-from directalign.validation import ConfigError, DataError
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
+# The family-wise error level of a claims file.
+ALPHA = 0.05
+# matched_kl / matched_length: read off two curves where both reach ``at``; at_pick: each method at the
+# beta its selection picked; at_beta: each method at the beta a run configured.
+PROTOCOLS = ("matched_kl", "matched_length", "at_pick", "at_beta")
+DIRECTIONS = (1, -1, 0)
 
 
 @dataclass(frozen=True)
-class Claim:
-    """One tested claim; its fields, in this order, are the keys of a claims.json record."""
+class Estimate:
+    """A claim's paired estimate, before its family's correction: ``seeds`` training seeds behind each
+    policy (the fewest of either side), ``n`` paired prompts (0: the claim could not be read)."""
 
     claim: str
     paper: str
     contrast: str
     metric: str
     direction: int
+    protocol: str
+    at: float | None
+    seeds: int
     mean: float
     se: float
     n: int
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"claim {self.claim!r}: direction={self.direction!r} must be +1, -1 or 0")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"claim {self.claim!r}: protocol {self.protocol!r} is not one of {PROTOCOLS}")
+
+
+@dataclass(frozen=True)
+class Claim(Estimate):
+    """One tested claim; its fields, in this order, are the keys of a claims.json record."""
+
+    p: float
+    p_holm: float
     verdict: str
 
 
 CLAIM_KEYS = tuple(f.name for f in fields(Claim))
 
 
-def verdict(mean: float, se: float, direction: int) -> str:
-    """The module's rule: decided only when the mean is at least two standard errors from zero."""
-    if mean == 0 or abs(mean) < 2 * se:
+def two_sided_p(mean: float, se: float, n: int) -> float:
+    """The normal two-sided p of ``mean`` given its standard error; 1 for a claim not read (``n == 0``)
+    or a zero difference."""
+    if n == 0 or mean == 0:
+        return 1.0
+    return 0.0 if se == 0 else float(2 * norm.sf(abs(mean) / se))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(mean: float, p_holm: float, direction: int) -> str:
+    """The module's rule: decided only when the family-adjusted p is under ``ALPHA``."""
+    if mean == 0 or not p_holm < ALPHA:
         return INCONCLUSIVE
-    return SUPPORTED if math.copysign(1, mean) == direction else CONTRADICTED
+    return SUPPORTED if direction == 0 or math.copysign(1, mean) == direction else CONTRADICTED
+
+
+def family(estimates: Sequence[Estimate]) -> list[Claim]:
+    """The claims of one file: each estimate with its p, Holm's adjustment over all of them and its
+    verdict."""
+    p_values = [two_sided_p(e.mean, e.se, e.n) for e in estimates]
+    return [
+        Claim(
+            **{f.name: getattr(e, f.name) for f in fields(Estimate)},
+            p=p,
+            p_holm=p_holm,
+            verdict=verdict(e.mean, p_holm, e.direction),
+        )
+        for e, p, p_holm in zip(estimates, p_values, holm(p_values), strict=True)
+    ]
 
 
 def build_claim(
-    claim: str, paper: str, contrast: str, metric: str, direction: int, difference: PairedDifference
-) -> Claim:
+    claim: str,
+    paper: str,
+    contrast: str,
+    metric: str,
+    direction: int,
+    difference: PairedDifference,
+    protocol: str = "at_beta",
+    seeds: int = 1,
+) -> Estimate:
     """A claim tested by the paired ``difference`` of ``metric`` (first policy of ``contrast`` minus the
     second, on the same prompts, its standard error over prompts and training seeds)."""
-    if direction not in (1, -1):
-        raise ConfigError(f"claim {claim!r}: direction={direction!r} must be +1 or -1")
     values = np.asarray(difference.differences, dtype=np.float64)
     n_not_finite = int((~np.isfinite(values)).sum())
     if values.size < 2 or n_not_finite or not math.isfinite(difference.se):
@@ -68,9 +134,18 @@ def build_claim(
             f"claim {claim!r}: {values.size} paired differences of {metric}, {n_not_finite} not finite; "
             "needs at least 2, all finite"
         )
-    mean, se = float(difference.mean), float(difference.se)
-    return Claim(
-        claim, paper, contrast, metric, int(direction), mean, se, values.size, verdict(mean, se, direction)
+    return Estimate(
+        claim,
+        paper,
+        contrast,
+        metric,
+        int(direction),
+        protocol,
+        None,
+        seeds,
+        float(difference.mean),
+        float(difference.se),
+        int(values.size),
     )
 
 
@@ -80,19 +155,21 @@ def write_claims(claims: Sequence[Claim], path: Path) -> None:
 
 
 def read_claims(path: Path) -> list[Claim]:
-    """The claims of a claims.json; refuses a record with other keys or a verdict the rule does not give."""
-    claims = []
-    for row, record in enumerate(json.loads(path.read_text())):
-        if sorted(record) != sorted(CLAIM_KEYS):
+    """The claims of a claims.json; refuses a record with other keys, or a p, Holm p or verdict that the
+    rule does not give from its mean and standard error."""
+    records = json.loads(path.read_text())
+    for row, record in enumerate(records):
+        if list(record) != list(CLAIM_KEYS):
             raise DataError(
-                f"{path} row {row}: keys {sorted(record)} are not the claim keys {list(CLAIM_KEYS)}"
+                f"{path} row {row}: keys {list(record)} are not the claim keys {list(CLAIM_KEYS)}"
             )
-        claim = Claim(**record)
-        expected = verdict(claim.mean, claim.se, claim.direction)
-        if claim.verdict != expected:
-            raise DataError(f"{path} row {row}: verdict {claim.verdict!r}, the rule gives {expected!r}")
-        claims.append(claim)
-    return claims
+    stated = [Claim(**record) for record in records]
+    for row, (claim, expected) in enumerate(zip(stated, family(stated), strict=True)):
+        for key in ("p", "p_holm", "verdict"):
+            stated_value, rule_value = getattr(claim, key), getattr(expected, key)
+            if stated_value != rule_value:
+                raise DataError(f"{path} row {row}: {key} {stated_value!r}, the rule gives {rule_value!r}")
+    return stated
 
 
 def _cell(text: str) -> str:
@@ -101,17 +178,22 @@ def _cell(text: str) -> str:
 
 def claims_table(claims: Sequence[Claim]) -> str:
     """A markdown table of the claims for a results README, one row per claim."""
-    header = ["claim", "paper", "contrast", "metric", "claimed", "mean ± se", "n", "verdict"]
+    header = ["claim", "paper", "protocol", "contrast", "metric", "claimed", "mean ± se", "seeds", "n"]
+    header += ["p", "p (Holm)", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in claims:
         cells = [
             _cell(c.claim),
             _cell(c.paper),
+            c.protocol.replace("_", " ") + ("" if c.at is None else f" {c.at:.3g}"),
             _cell(c.contrast),
             _cell(c.metric),
-            "> 0" if c.direction == 1 else "< 0",
+            {1: "> 0", -1: "< 0", 0: "≠ 0"}[c.direction],
             f"{c.mean:+.4g} ± {c.se:.2g}",
+            str(c.seeds),
             str(c.n),
+            f"{c.p:.2g}",
+            f"{c.p_holm:.2g}",
             c.verdict,
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -20,7 +20,7 @@ import numpy as np
 
 from directalign.artifacts import AlignedPolicy, EvalRecord
 from directalign.best_of_n import best_of_n
-from directalign.claims import Claim, build_claim, claims_table, win_tie_loss, write_claims
+from directalign.claims import Claim, build_claim, claims_table, family, win_tie_loss, write_claims
 from directalign.estimates import mean_and_se, paired_difference, per_prompt_means
 from directalign.plots import plot_against, plot_curves, scores_of
 from directalign.prompts import Prompts
@@ -218,9 +218,10 @@ def paired_rows(results: list[PolicyResult], contrasts: Sequence[Sequence[str]])
 
 
 def claim_records(results: list[PolicyResult], claims: Sequence[dict[str, Any]]) -> list[Claim]:
-    """Each configured claim tested on its contrast's paired difference."""
+    """Each configured claim tested on its contrast's paired difference (each method at its configured
+    beta), Holm-adjusted over the run's claims."""
     groups = groups_of(results)
-    records = []
+    estimates = []
     for claim in claims:
         a, b = claim["contrast"]
         difference = paired_difference(
@@ -228,12 +229,18 @@ def claim_records(results: list[PolicyResult], claims: Sequence[dict[str, Any]])
             [r.own_samples for r in groups[b]],
             SAMPLE_FIELDS[claim["metric"]],
         )
-        records.append(
+        estimates.append(
             build_claim(
-                claim["claim"], claim["paper"], f"{a} - {b}", claim["metric"], claim["direction"], difference
+                claim["claim"],
+                claim["paper"],
+                f"{a} - {b}",
+                claim["metric"],
+                claim["direction"],
+                difference,
+                seeds=min(len(groups[a]), len(groups[b])),
             )
         )
-    return records
+    return family(estimates)
 
 
 def format_cell(value: Any) -> str:

@@ -1,0 +1,43 @@
+"""The claims of a sweep read on the reward-KL frontier: `python pipelines/frontier_report.py` (run by
+`make headlines`; config conf/frontier_report.yaml: the sweep folder, the output folder, the matched KLs,
+each method's picked beta, the power targets and the claims). `--config-name length_report` is paper A's
+length study (run by `make length`), which adds the length plots and distributions.
+"""
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from directalign.frontier import ClaimSpec
+from directalign.frontier_report import write_frontier_report
+from directalign.length_study import write_length_report
+
+log = logging.getLogger(__name__)
+
+
+def claim_specs(cfg: DictConfig) -> list[ClaimSpec]:
+    """The config's claims, each read at the config's matched KLs unless it names its own points."""
+    specs = []
+    for spec in OmegaConf.to_container(cfg.claims, resolve=True):
+        along = spec.get("along")
+        default_at = cfg.matched_kl if along == "kl_to_ref" else []
+        at = tuple(float(x) for x in spec.pop("at", default_at) or ())
+        specs.append(ClaimSpec(**(spec | {"contrast": tuple(spec["contrast"]), "at": at})))
+    return specs
+
+
+@hydra.main(config_path="../conf", config_name="frontier_report", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    specs, targets = claim_specs(cfg), OmegaConf.to_container(cfg.power_targets)
+    if cfg.length_plots:
+        write_length_report(Path(cfg.sweep_dir), Path(cfg.out), specs, targets, list(cfg.matched_kl))
+    else:
+        picks = OmegaConf.to_container(cfg.picks) if cfg.picks else None
+        write_frontier_report(Path(cfg.sweep_dir), Path(cfg.out), specs, picks, targets, list(cfg.matched_kl))
+    log.info("wrote %s", cfg.out)
+
+
+if __name__ == "__main__":
+    main()
