@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from directalign.claims import read_claims
 from directalign.errors import ConfigError
@@ -25,8 +26,8 @@ from directalign.frontier import (
     write_per_prompt,
 )
 from directalign.frontier_report import SPEC_FILE, recompute_claims, write_frontier_report
-from tests.conftest import ROOT
-from tests.test_length_study import job
+from tests.conftest import ROOT, compose_config
+from tests.test_length_study import job, make_jobs
 
 
 def point(curve: str, beta: float, seed: int, gold: list[float], kl: list[float]) -> Point:
@@ -179,3 +180,16 @@ def test_every_committed_claims_file_is_recomputed_from_its_per_prompt_data(fold
         shutil.copy(folder / name, tmp_path / name)
     recompute_claims(tmp_path)
     assert (tmp_path / "claims.json").read_bytes() == (folder / "claims.json").read_bytes()
+
+
+def test_make_headlines_trains_every_curve_its_claims_read_with_two_seeds(tmp_path):
+    """Each method of the frontier claims has at least two betas in `make headlines`, each trained with
+    two seeds on the same upstream settings, and the matched KLs are set."""
+    curves: dict[str, set[float]] = {}
+    for overrides in make_jobs("FRONTIER_RUN", "headlines"):
+        cfg = compose_config(overrides, tmp_path)
+        curves.setdefault(cfg.method.name, set()).add(cfg.method.beta)
+        assert len(cfg.method.seeds) >= 2 and not cfg.compare and cfg.stage.evaluate.n_prompts == 256
+    report = OmegaConf.load(ROOT / "conf" / "frontier_report.yaml")
+    assert {name for claim in report.claims for name in claim.contrast} <= set(curves)
+    assert all(len(betas) >= 2 for betas in curves.values()) and len(report.matched_kl) >= 2

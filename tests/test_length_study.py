@@ -147,16 +147,16 @@ def test_a_claim_must_read_a_metric_along_another_axis():
         claim("length_tokens", "length_tokens")
 
 
-def make_length_jobs() -> list[list[str]]:
-    """The overrides of every job the Makefile's `length` target runs (its multiruns expanded)."""
+def make_jobs(variable: str, target: str) -> list[list[str]]:
+    """The overrides of every job a Makefile target runs through ``$(variable)`` (multiruns expanded)."""
     jobs = []
     makefile = (ROOT / "Makefile").read_text()
-    run = makefile.split("LENGTH_RUN := ")[1].splitlines()[0].split("run.py -m ")[1]
-    lines = makefile.split("\nlength:")[1].split("\n\n")[0].splitlines()
+    run = makefile.split(f"{variable} := ")[1].splitlines()[0].split("run.py -m ")[1]
+    lines = makefile.split(f"\n{target}:")[1].split("\n\n")[0].splitlines()
     for line in lines:
-        if "$(LENGTH_RUN)" not in line:
+        if f"$({variable})" not in line:
             continue
-        args = f"{run} {line.split('$(LENGTH_RUN)')[1]}".replace("$(LENGTH_BIAS)", "0.0")
+        args = f"{run} {line.split(f'$({variable})')[1]}".replace("$(LENGTH_BIAS)", "0.0")
         overrides = [arg.split("=", 1) for arg in args.split()]
         jobs += [
             [f"{key}={value}" for key, value in zip([k for k, _ in overrides], combo, strict=True)]
@@ -169,7 +169,7 @@ def test_make_length_sweeps_every_curve_its_claims_read(tmp_path):
     """Each (loss, a) of the claims has at least two betas in `make length`, each trained with two seeds,
     and every job composes."""
     curves = defaultdict(set)
-    for overrides in make_length_jobs():
+    for overrides in make_jobs("LENGTH_RUN", "length"):
         cfg = compose_config(overrides, tmp_path)
         curves[f"{cfg.method.loss} a={cfg.method.length_power:g}"].add(cfg.method.beta)
         assert cfg.task.max_completion_tokens >= 48 and cfg.stage.evaluate.prompt_offset == 0

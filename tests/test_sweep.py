@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,26 @@ def test_multirun_shares_upstream_stages_and_writes_one_sweep_report(tmp_path):
     assert sorted(r["job"] for r in rows) == sorted(f"{job}/results" for job in jobs)
     assert (sweep / REPORT_DIR / "reward_vs_beta.png").is_file()
     assert (sweep / REPORT_DIR / "reward_vs_step_best_beta.png").is_file()
+
+    # The frontier report of the same sweep, through its entry point: one claim at the picks (one beta a
+    # method here), every policy's per-prompt means, and claims that recompute from those files.
+    report = tmp_path / "frontier"
+    claim = "{claim: x, paper: B, contrast: [dpo, ipo], metric: proxy_reward, direction: 1, along: null}"
+    command = [sys.executable, "pipelines/frontier_report.py", f"sweep_dir={sweep}", f"out={report}"]
+    result = subprocess.run(
+        [*command, f"claims=[{claim}]"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads((report / "claims.json").read_text())
+    assert (row["protocol"], row["contrast"], row["n"], row["seeds"]) == ("at_pick", "dpo - ipo", 8, 1)
+    with (report / "per_prompt.csv").open() as handle:
+        assert sorted(Counter(r["curve"] for r in csv.DictReader(handle)).items()) == [
+            ("dpo", 8),
+            ("ipo", 8),
+            ("sft", 8),
+        ]
+    check = [sys.executable, "pipelines/recompute_claims.py", "--check", str(report)]
+    assert subprocess.run(check, cwd=ROOT, env=env, capture_output=True).returncode == 0
 
     for job in jobs:
         runs = [read_offline_run(run) for run in (sweep / job / "wandb").glob("offline-run-*")]
