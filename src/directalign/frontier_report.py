@@ -33,7 +33,7 @@ from directalign.frontier import (
     write_per_prompt,
 )
 from directalign.plots import plt, save_figure
-from directalign.sweep import collect_jobs, method_groups, write_sweep_report
+from directalign.sweep import collect_jobs, method_groups, plot_best_of_n, write_sweep_report
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +152,7 @@ def plot_frontier(out: Path, matched_kl: Sequence[float], path: Path) -> None:
             low = [v - e for v, e in zip(values, errors, strict=True)]
             high = [v + e for v, e in zip(values, errors, strict=True)]
             ax.fill_between(kls, low, high, color=line.get_color(), alpha=0.2)
-        if frontier and all(math.isfinite(f[key]) for f in frontier):
-            ax.plot(
-                [f["kl_to_ref"] for f in frontier],
-                [f[key] for f in frontier],
-                "k--",
-                marker="s",
-                ms=4,
-                label="best-of-n over SFT",
-            )
+        plot_best_of_n(ax, frontier, key)
         for kl in matched_kl:
             ax.axvline(kl, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel("KL(policy || SFT), nats (dotted: matched KLs of the claims)")

@@ -14,6 +14,7 @@ pick. Hydra runs it when a multirun ends (the ``SweepReport`` callback);
 import csv
 import json
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -203,6 +204,19 @@ def plot_reward_vs_beta(
     save_figure(fig, "Final reward and length of generations against beta", path)
 
 
+def plot_best_of_n(ax: Any, frontier: Sequence[dict[str, Any]], key: str) -> None:
+    """Best-of-n over SFT samples against its exact KL, dashed, where every row has ``key``."""
+    if frontier and all(f.get(key) is not None and math.isfinite(f[key]) for f in frontier):
+        ax.plot(
+            [f["kl_to_ref"] for f in frontier],
+            [f[key] for f in frontier],
+            "k--",
+            marker="s",
+            ms=4,
+            label="best-of-n over SFT",
+        )
+
+
 def plot_reward_vs_kl(
     groups: dict[str, list[dict[str, Any]]], frontier: list[dict[str, Any]], path: Path
 ) -> None:
@@ -213,15 +227,7 @@ def plot_reward_vs_kl(
     fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4.5), squeeze=False)
     for ax, (key, label) in zip(axes[0], series, strict=True):
         se = key.replace("_reward", "_se")
-        if frontier and all(f.get(key) is not None for f in frontier):
-            ax.plot(
-                [f["kl_to_ref"] for f in frontier],
-                [f[key] for f in frontier],
-                "k--",
-                marker="s",
-                ms=4,
-                label="best-of-n over SFT",
-            )
+        plot_best_of_n(ax, frontier, key)
         for name, group in groups.items():
             points = sorted(group, key=lambda r: r["kl_to_ref"])
             ax.errorbar(
