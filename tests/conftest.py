@@ -91,6 +91,7 @@ MINI_SMOKE = (
     "~compare.avg_dpo",
     "~compare.avg_ipo",
     "~compare.avg_copg",
+    "~compare.simpo",
     "task.max_examples_per_split={sft: 32, preference: 24, offpolicy: 16, eval: 8}",
     "stage.sft.epochs=2",
     "stage.sft.batch_size=8",

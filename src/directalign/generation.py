@@ -13,7 +13,9 @@ from directalign.logprobs import batched_completion_logps, gather_token_logps
 from directalign.trunk import LayerInputs, shared_trunk_layer, top_layers_completion_logps
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: FSDP2 allocates the storage of a layer's gathered weights once and
+# reuses it, and storage allocated in inference mode refuses the in-place gathers of the next training step.
+@torch.no_grad()
 def sample_completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

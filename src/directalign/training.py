@@ -19,13 +19,12 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 from transformers import PreTrainedModel
 
 from directalign.distributed import is_rank_zero
-from directalign.errors import ConfigError
+from directalign.sharding import LIGHTNING_PRECISION, full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +193,8 @@ def build_trainer(
     if OmegaConf.is_dict(cfg.trainer.strategy):
         # A strategy with settings (FSDP's wrap policy) is a `_target_` node, built afresh per stage.
         kwargs["strategy"] = instantiate(cfg.trainer.strategy)
+        if is_sharded(kwargs["strategy"]):
+            kwargs["precision"] = LIGHTNING_PRECISION  # the strategy holds trainer.precision
     return L.Trainer(**(kwargs | overrides))
 
 
@@ -202,9 +203,13 @@ def resume_checkpoint(folder: Path) -> str | None:
 
     Lightning writes it through a temporary file, but a move across file systems or a full disk can
     still leave it truncated. ``torch.save`` writes a zip whose directory comes last, so a truncated
-    checkpoint has none: it is removed, not trusted, and the stage starts over.
+    checkpoint has none: it is removed, not trusted, and the stage starts over. A sharded checkpoint
+    (``trainer=fsdp``) is a folder that ``FullyShardedStrategy`` moves into place only once complete.
     """
     last = folder / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if last.is_dir():
+        log.info("resuming from the sharded checkpoint %s", last)
+        return str(last)
     if not last.is_file():
         return None
     try:
@@ -229,20 +234,17 @@ def trained_model(
 ) -> torch.nn.Module | None:
     """The trained weights in a plain model, for saving and scoring after ``trainer.fit``.
 
-    Under DDP (or one process) that is ``model`` itself. Under FSDP its layers are now wrappers around
-    this rank's shards, so every rank must call this: Lightning gathers the full state dict
-    (``state_dict_type: full``) on rank 0, which loads it into a freshly built copy; the other ranks
-    get None (the stages save and score on rank 0 only).
+    Under DDP (or one process) that is ``model`` itself. Under FSDP its parameters are now this rank's
+    shards, so every rank must call this: the full state dict is gathered on rank 0, which loads it
+    into a freshly built copy; the other ranks get None (the stages save and score on rank 0 only).
     """
-    if not isinstance(trainer.strategy, FSDPStrategy):
+    if not is_sharded(trainer.strategy):
         return model
-    if trainer.strategy._state_dict_type != "full":
-        raise ConfigError("the stages save whole models: trainer.strategy.state_dict_type must be 'full'")
-    state = trainer.strategy.lightning_module_state_dict()
+    state = full_state_dict(model)
     if not trainer.is_global_zero:
         return None
     fresh = rebuild()
-    fresh.load_state_dict({name.removeprefix("model."): weight for name, weight in state.items()})
+    fresh.load_state_dict(state)
     return fresh
 
 

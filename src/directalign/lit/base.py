@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from transformers import get_scheduler
 
 from directalign.errors import NonFiniteLossError
+from directalign.sharding import is_sharded
 
 TRAIN_LOSS = "train/loss"
 LAST_LOSS_KEY = "directalign_last_train_loss"
@@ -22,6 +23,12 @@ class TrainModule(L.LightningModule):
         self.model = model
         self.stage_cfg = stage_cfg
         self._restored_loss: float | None = None
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` shard the model per decoder layer before the optimiser sees its
+        parameters; every other strategy trains it whole."""
+        if is_sharded(self.trainer.strategy):
+            self.trainer.strategy.shard(self.model)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -6,12 +6,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy
 from transformers import PreTrainedTokenizerBase
 
 from directalign.generation import sample_completions
 from directalign.prompts import Prompts, decode_completions
 from directalign.scoring import Scorer
+from directalign.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class RewardCurve(Callback):
         self.points: list[dict[str, Any]] = []
 
     def _measure(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        sharded = isinstance(trainer.strategy, FSDPStrategy)
+        sharded = is_sharded(trainer.strategy)
         if not (trainer.is_global_zero or sharded) or (
             self.points and self.points[-1]["step"] == trainer.global_step
         ):
