@@ -31,7 +31,7 @@ lint: install  ## ruff check and format check
 	$(VENV)/bin/ruff check src pipelines tests
 	$(VENV)/bin/ruff format --check src pipelines tests
 
-smoke: install  ## Whole pipeline, all six methods, tiny random-init model (about 3 minutes)
+smoke: install  ## Whole pipeline, all seven methods, tiny random-init model (about 3 minutes)
 	$(PY) pipelines/run.py experiment=smoke
 
 bandit: install  ## Paper B's toy bandit (Figure 1) into results/bandit/

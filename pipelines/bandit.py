@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from directalign.bandit import BanditConfig, regret_figure, run, summary_table
-from directalign.validation import ConfigError
+from directalign.errors import ConfigError
 
 
 @hydra.main(config_path="../conf", config_name="bandit", version_base="1.3")

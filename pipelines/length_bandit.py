@@ -24,7 +24,7 @@ from scipy.optimize import brentq
 from scipy.special import kl_div, softmax
 
 from directalign.bandit import PROBABILITY_SUM_TOLERANCE, arm_normalisers, copg_fixed_point, ipo_fixed_point
-from directalign.validation import ConfigError
+from directalign.errors import ConfigError
 
 METHOD_LABELS = {"copg": "CoPG / DPO", "ipo": "IPO"}
 METHOD_STYLES = {"copg": "-", "ipo": "--"}

@@ -24,7 +24,7 @@ from directalign.models import with_lora
 from directalign.pairs import build_pairs, build_prompt_groups, collate_pairs, collate_prompt_groups
 from tests.conftest import TOP_LAYER_LORA, step_loss_and_grads, tiny_llama
 
-PAD, BETA, REWARD_GAP = 0, 0.5, 1.0
+PAD, BETA, REWARD_GAP, SIMPO_GAMMA = 0, 0.5, 1.0, 0.3
 PROMPT = [5, 9, 3, 12]
 # Listed worse first, so build_pairs must reorder them; different lengths, so averaging matters.
 WORSE, BETTER = [7, 8, 2], [4, 11, 6, 10, 1]
@@ -43,12 +43,15 @@ def logratios(model, reference: list[list[float]], length_power: float) -> list[
     return values
 
 
-def first_loss_by_hand(loss: str) -> float:
-    """Every log-ratio is 0 before the first step (the reference is the initial policy itself)."""
+def first_loss_by_hand(loss: str, reference: list[list[float]], length_power: float) -> float:
+    """Every log-ratio is 0 before the first step (the reference is the initial policy itself); SimPO,
+    reference-free, compares the initial policy's own log-likelihoods ``sum / |y|^a``."""
+    worse, better = (sum(logps) / len(logps) ** length_power for logps in reference)
     return {
         "dpo": math.log(2.0),  # -log sigmoid(0)
         "ipo": (1 / (2 * BETA)) ** 2,  # (0 - 1/(2 beta))^2
         "copg": REWARD_GAP**2 / (2 * BETA),  # (dR - beta * 0)^2 / (2 beta)
+        "simpo": math.log1p(math.exp(-(BETA * (better - worse) - SIMPO_GAMMA))),  # -log sigmoid(z)
     }[loss]
 
 
@@ -62,7 +65,7 @@ def batch_of_one_row(
 
 @pytest.mark.parametrize("group_by_prompt", [False, True])
 @pytest.mark.parametrize("length_power", [0.0, 1.0])
-@pytest.mark.parametrize("loss", ["dpo", "ipo", "copg"])
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "copg", "simpo"])
 def test_training_moves_the_margin_towards_the_better_completion(loss, length_power, group_by_prompt):
     model = tiny_llama()
     reference = batched_completion_logps(model, [PROMPT, PROMPT], [WORSE, BETTER], PAD, 2)
@@ -73,7 +76,9 @@ def test_training_moves_the_margin_towards_the_better_completion(loss, length_po
         "reward": [0.0, REWARD_GAP],
     }
     batch = batch_of_one_row(datasets.Dataset.from_list([row]), loss != "copg", group_by_prompt)
-    method = OmegaConf.create({"name": loss, "loss": loss, "beta": BETA, "length_power": length_power})
+    method = OmegaConf.create(
+        {"name": loss, "loss": loss, "beta": BETA, "gamma": SIMPO_GAMMA, "length_power": length_power}
+    )
     module = AlignModule(model.train(), STAGE, method)
     optimizer = torch.optim.Adam(model.parameters(), lr=STAGE.lr)
     losses = []
@@ -85,14 +90,14 @@ def test_training_moves_the_margin_towards_the_better_completion(loss, length_po
             optimizer.zero_grad()
             loss_value.backward()
             optimizer.step()
-    assert losses[0] == pytest.approx(first_loss_by_hand(loss), rel=1e-5)
+    assert losses[0] == pytest.approx(first_loss_by_hand(loss, reference, length_power), rel=1e-5)
     worse, better = logratios(model.eval(), reference, length_power)
     margin = better - worse
     assert margin > 0 and losses[-1] < losses[0]
     if loss == "copg":
         target = REWARD_GAP / BETA
         assert abs(margin - target) < target, "CoPG regresses the margin onto the reward gap / beta"
-    else:
+    elif loss != "simpo":  # reference-free: SimPO moves the likelihoods' margin, not each against pi_ref
         assert better > 0 > worse, "chosen up, rejected down"
 
 
@@ -163,13 +168,13 @@ def test_a_prompt_whose_rewards_all_tie_forms_no_group_for_preference_losses():
 @pytest.mark.parametrize("lora", [None, TOP_LAYER_LORA], ids=["full", "lora"])
 @pytest.mark.parametrize("share_prompt", [False, True], ids=["rows", "shared"])
 @pytest.mark.parametrize("length_power", [0.0, 1.0])
-@pytest.mark.parametrize("loss", ["dpo", "ipo", "copg"])
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "copg", "simpo"])
 def test_grouped_batch_gives_the_pair_batch_loss_and_gradients(loss, length_power, share_prompt, lora):
     """The oracle is the plain pair path (every pair's two rows run whole); the grouped batch runs each
     completion once, with (shared) or without prompt sharing. Tolerance: 1e-5 absolute on the loss and
     on every gradient entry."""
     table, drop_ties = offpolicy_table(), loss != "copg"
-    method = {"loss": loss, "beta": BETA, "length_power": length_power}
+    method = {"loss": loss, "beta": BETA, "gamma": SIMPO_GAMMA, "length_power": length_power}
     pairs, _ = build_pairs(table, drop_ties)
     plain_loss, plain_grads = align_step(collate_pairs(pairs, PAD), method, False, lora)
     grouped = collate_prompt_groups(build_prompt_groups(table, drop_ties)[0], PAD)

@@ -87,7 +87,28 @@ CONFIG_ERRORS = [
         id="power-below-0",
     ),
     pytest.param(
-        ["method.loss=kto"], r"^method\.loss='kto' is not one of dpo, ipo, copg$", id="unknown-loss"
+        ["experiment=smoke", "compare.copg.beta=inf"],
+        r"^compare\.copg\.beta=inf must be finite$",
+        id="compare-beta-infinite",
+    ),
+    pytest.param(
+        ["stage.align.warmup_ratio=1.5"],
+        r"^stage\.align\.warmup_ratio=1\.5 must lie in \[0\.0, 1\.0\]$",
+        id="warmup-ratio",
+    ),
+    pytest.param(
+        ["stage.sft.weight_decay=-0.1"], r"^stage\.sft\.weight_decay=-0\.1 must be >= 0$", id="weight-decay"
+    ),
+    pytest.param(
+        ["task.gold.copy_penalty=inf"],
+        r"^task\.gold\.copy_penalty=inf must be finite$",
+        id="any-number-infinite",
+    ),
+    pytest.param(
+        ["method=simpo", "method.gamma=nan"], r"^method\.gamma=nan must be a number$", id="simpo-gamma"
+    ),
+    pytest.param(
+        ["method.loss=kto"], r"^method\.loss='kto' is not one of dpo, ipo, copg, simpo$", id="unknown-loss"
     ),
     pytest.param(
         ["stage.generate.temperatures=[1.0,0.0]"],
@@ -244,7 +265,7 @@ def test_method_override_beside_compare_is_refused_naming_compare(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"^method\.beta=0\.5: this experiment aligns the methods of `compare` \(dpo, ipo, copg,"
-        r" avg_dpo, avg_ipo, avg_copg\), not `method`; override compare\.<name>\.<key> instead",
+        r" avg_dpo, avg_ipo, avg_copg, simpo\), not `method`; override compare\.<name>\.<key> instead",
     ):
         validate_config(compose_config(overrides, tmp_path), overrides)
     allowed = ["experiment=smoke", "compare.dpo.beta=0.5"]

@@ -27,7 +27,7 @@ from directalign.bandit import (
     regret,
     run,
 )
-from directalign.validation import ConfigError
+from directalign.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 # lr 1e-2 reaches in 30 epochs what the paper's lr 1e-3 reaches in about 300: the tests' "long run".

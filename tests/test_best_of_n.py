@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from directalign.best_of_n import best_of_n, best_of_n_kl
-from directalign.validation import ConfigError, DataError
+from directalign.errors import ConfigError, DataError
 
 
 def kl(q: np.ndarray, p: np.ndarray) -> float:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from directalign.calibration import fit_calibration, mean_log_likelihood
-from directalign.validation import DataError
+from directalign.errors import DataError
 
 
 def synthetic_margins(true_scale: float, n_pairs: int, rng: np.random.Generator) -> np.ndarray:

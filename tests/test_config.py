@@ -3,7 +3,8 @@
 import pytest
 from hydra.errors import MissingConfigException
 
-from directalign.stages import ALIGN, GENERATE, REWARD, SFT
+from directalign.losses import LOSSES
+from directalign.stages import ALIGN, EVALUATE, GENERATE, REWARD, SFT
 from directalign.stages.context import StageContext
 from tests.conftest import CONF, compose_config
 
@@ -12,20 +13,28 @@ METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes(experiment, tmp_path):
+def test_every_experiment_resolves_every_stage_key(experiment, tmp_path):
+    """Each stage's store key reads the config paths it declares, interpolations resolved: a renamed or
+    missing key of an experiment fails here, before any run."""
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
-    assert cfg.task.name and cfg.model.name and list(cfg.pipeline.stages)
+    for stage in (SFT, REWARD, GENERATE, EVALUATE):
+        assert stage.key_config(cfg)
+    aligned = StageContext(cfg, None, None).for_method(cfg.method.name, cfg.method, 0).cfg
+    assert ALIGN.key_config(aligned)["method"]["loss"] in LOSSES
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_names_loss_beta_and_length_power(method, tmp_path):
+def test_every_method_is_a_registry_loss_with_its_settings(method, tmp_path):
     cfg = compose_config([f"method={method}", "method.beta=0.3"], tmp_path)
-    assert cfg.method.loss in {"dpo", "ipo", "copg"}
+    assert cfg.method.name == method
     assert cfg.method.beta == 0.3
-    assert cfg.method.length_power == (1.0 if method.startswith("avg_") else 0.0)
+    assert all(cfg.method[setting] is not None for setting in LOSSES[cfg.method.loss].settings)
+    # avg_* and SimPO average the log-likelihoods over the completion; the others sum them.
+    averaged = method.startswith("avg_") or method == "simpo"
+    assert cfg.method.length_power == (1.0 if averaged else 0.0)
 
 
-def test_smoke_compares_all_six_methods(tmp_path):
+def test_smoke_compares_every_method(tmp_path):
     cfg = compose_config(["experiment=smoke"], tmp_path)
     assert sorted(cfg.compare) == METHODS
 

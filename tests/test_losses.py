@@ -6,7 +6,15 @@ import math
 import pytest
 import torch
 
-from directalign.losses import bradley_terry_loss, copg_loss, dpo_loss, ipo_loss, sequence_logratio
+from directalign.losses import (
+    LOSSES,
+    bradley_terry_loss,
+    copg_loss,
+    dpo_loss,
+    ipo_loss,
+    sequence_logratio,
+    simpo_loss,
+)
 
 
 def sigmoid(x: float) -> float:
@@ -64,6 +72,46 @@ def test_copg_by_hand():
     )
     regularised_gap = (1.0 - 0.1 * 0.4) - (0.5 - 0.1 * -0.2)
     assert got.item() == pytest.approx(regularised_gap**2 / 0.2)
+
+
+def test_simpo_value_and_gradient_by_hand():
+    """-log sigmoid(beta (g_w - g_l) - gamma) with z = 2 * (-1 + 2) - 1 = 1; its gradient is
+    -beta sigmoid(-z) on g_w and +beta sigmoid(-z) on g_l."""
+    chosen, rejected = torch.tensor(-1.0, requires_grad=True), torch.tensor(-2.0, requires_grad=True)
+    loss = simpo_loss(chosen, rejected, beta=2.0, gamma=1.0)
+    assert loss.item() == pytest.approx(math.log(1.0 + math.exp(-1.0)))
+    loss.backward()
+    assert chosen.grad.item() == pytest.approx(-2.0 * sigmoid(-1.0))
+    assert rejected.grad.item() == pytest.approx(2.0 * sigmoid(-1.0))
+
+
+def test_simpo_compares_token_averaged_log_likelihoods_without_the_reference():
+    """Through the registry, SimPO's per-sequence term is the policy's mean completion log-prob
+    (row 0: (-1 - 2 - 0.5) / 3, row 1: (-0.3 - 0.7) / 2), whatever the reference says."""
+    simpo = LOSSES["simpo"]
+    terms = simpo.sequence_terms(POLICY, REF, MASK, 1.0)
+    assert torch.allclose(terms, torch.tensor([-3.5 / 3, -0.5]), atol=1e-6)
+    assert torch.equal(simpo.sequence_terms(POLICY, REF + 5.0, MASK, 1.0), terms)
+    no_reward = torch.zeros(1)
+    method = {"beta": 2.0, "gamma": 1.0}
+    got = simpo(method, terms[:1], terms[1:], no_reward, no_reward)
+    assert got.item() == pytest.approx(-math.log(sigmoid(2.0 * (-3.5 / 3 + 0.5) - 1.0)))
+
+
+def test_registry_dispatches_rewards_only_to_losses_that_read_them():
+    """A ranked loss ignores the rewards; CoPG's value moves with them."""
+    logratio_a, logratio_b = torch.tensor([0.4]), torch.tensor([-0.2])
+    low, high = torch.tensor([0.0]), torch.tensor([3.0])
+    method = {"beta": 0.5}
+    assert LOSSES["dpo"](method, logratio_a, logratio_b, low, low) == LOSSES["dpo"](
+        method, logratio_a, logratio_b, high, low
+    )
+    assert LOSSES["copg"](method, logratio_a, logratio_b, high, low) == pytest.approx(
+        copg_loss(logratio_a, logratio_b, high, low, 0.5)
+    )
+    assert LOSSES["copg"](method, logratio_a, logratio_b, high, low) != LOSSES["copg"](
+        method, logratio_a, logratio_b, low, low
+    )
 
 
 def test_bradley_terry_by_hand():

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-METHODS = ["sft", "dpo", "ipo", "copg", "avg_dpo", "avg_ipo", "avg_copg"]
+METHODS = ["sft", "dpo", "ipo", "copg", "avg_dpo", "avg_ipo", "avg_copg", "simpo"]
 BEST_OF = ["best_of_1", "best_of_2", "best_of_4"]
 
 

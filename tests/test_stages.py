@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 
 from directalign.artifacts import AlignedPolicy
+from directalign.pipeline import methods_to_align
 from directalign.stages import ALIGN, ALIGN_ON_TRUNK, EVALUATE, GENERATE, REWARD, SFT
 from directalign.stages.context import StageContext
 from directalign.stages.trunk import frozen_trunk
 from directalign.store import MANIFEST, Artifact, Store, stage_key
 from directalign.tasks import build_task
-from directalign.validation import methods_to_align
 from tests.conftest import MINI_SMOKE, completed, compose_config, reuse_tokenizer
 
 # The stage that fills each input role of another stage.

@@ -15,6 +15,9 @@ TRL ``loss_type``      this project
 ``"sigmoid_norm"``     ``dpo_loss``, ``length_power=1`` (averaged)
 =====================  ==========================================
 
+and TRL's CPOTrainer with ``loss_type="simpo"`` and ``cpo_alpha=0`` gives the registry's ``simpo`` on
+the same token ids (its own prompt/answer split), its policy log-likelihoods token-averaged.
+
 What TRL 1.16 does, read from ``trl/trainer/dpo_trainer.py``: it sums per-token log-probs over
 the completion tokens (labels are -100 elsewhere) for the policy and the reference, and its
 ``"ipo"`` and ``"sigmoid_norm"`` divide each sequence's log-ratio (policy minus reference) by that
@@ -41,7 +44,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from directalign.logprobs import collate_prompt_completion, completion_logps
-from directalign.losses import dpo_loss, ipo_loss, sequence_logratio
+from directalign.losses import LOSSES, dpo_loss, ipo_loss, sequence_logratio
 from directalign.models import build_policy, load_tokenizer
 from directalign.prompts import completion_ids
 from tests.conftest import compose_config
@@ -158,3 +161,67 @@ def test_loss_matches_trl(setup, tmp_path, loss_type, loss_fn, length_power, bet
     assert our_loss(setup, rows, loss_fn, length_power, beta) == pytest.approx(expected, abs=1e-4)
     wrong_power = 1.0 - length_power
     assert our_loss(setup, rows, loss_fn, wrong_power, beta) != pytest.approx(expected, abs=1e-2)
+
+
+def trl_simpo_loss(setup, beta: float, gamma: float, tmp_path: Path) -> tuple[float, list[dict]]:
+    """TRL's CPOTrainer with ``loss_type="simpo"`` and ``cpo_alpha=0`` (pure SimPO, no NLL term) on the
+    pairs, and the rows its own preprocessing produced."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    tokenizer, _, policy, messages = setup
+    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    args = CPOConfig(
+        output_dir=str(tmp_path),
+        loss_type="simpo",
+        cpo_alpha=0.0,
+        beta=beta,
+        simpo_gamma=gamma,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        eval_strategy="no",
+    )
+    dataset = Dataset.from_dict({"prompt": prompts, "chosen": CHOSEN, "rejected": REJECTED})
+    trainer = CPOTrainer(
+        model=copy.deepcopy(policy), args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    rows = [trainer.train_dataset[i] for i in range(len(prompts))]
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    return loss.item(), rows
+
+
+def split_prompt_completion(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """TRL's prompt + answer ids cut where its labels (-100 on the prompt) start."""
+    start = next(i for i, label in enumerate(labels) if label != -100)
+    return input_ids[:start], input_ids[start:]
+
+
+def test_simpo_matches_trl_cpo(setup, tmp_path):
+    """Our registry's SimPO on TRL's own token ids (its prompt/answer split, BOS and EOS handling) gives
+    TRL's loss; the summed log-likelihood (``length_power=0``) does not."""
+    beta, gamma = 2.0, 1.0
+    expected, rows = trl_simpo_loss(setup, beta, gamma, tmp_path)
+    tokenizer, reference, policy, _ = setup
+    chosen = [split_prompt_completion(r["chosen_input_ids"], r["chosen_labels"]) for r in rows]
+    rejected = [split_prompt_completion(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
+    batch = collate_prompt_completion(
+        [prompt for prompt, _ in chosen + rejected], [c for _, c in chosen + rejected], tokenizer.pad_token_id
+    )
+    mask = batch["completion_mask"]
+    with torch.no_grad():
+        policy_logps, ref_logps = (
+            completion_logps(model, batch["input_ids"], batch["attention_mask"], mask.shape[1])
+            for model in (policy, reference)
+        )
+    simpo, method = LOSSES["simpo"], {"beta": beta, "gamma": gamma}
+
+    unused_rewards = torch.zeros(len(rows))
+
+    def ours(length_power: float) -> float:
+        terms = simpo.sequence_terms(policy_logps, ref_logps, mask, length_power)
+        terms_chosen, terms_rejected = terms.chunk(2)
+        return simpo(method, terms_chosen, terms_rejected, unused_rewards, unused_rewards).mean().item()
+
+    assert ours(1.0) == pytest.approx(expected, abs=1e-4)
+    assert ours(0.0) != pytest.approx(expected, abs=1e-2)

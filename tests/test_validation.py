@@ -2,31 +2,31 @@
 on the real tasks. (The table of refused inputs is tests/test_bad_inputs.py.)"""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from directalign.pipeline import run_pipeline
+from directalign.errors import ConfigError
+from directalign.pipeline import methods_to_align, run_pipeline
+from directalign.scoring import finite_mask
 from directalign.stages import REWARD
 from directalign.tasks import build_task
-from directalign.validation import (
-    ConfigError,
-    check_task_data,
-    context_length,
-    finite_mask,
-    methods_to_align,
-    validate_config,
-)
+from directalign.validation import check_task_data, context_length, validate_config
 from tests.conftest import CONF, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_is_valid(experiment, tmp_path):
+def test_every_experiment_is_valid_and_refuses_an_infinite_beta(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
     validate_config(cfg)  # raises ConfigError on a refused value
-    assert all(method.beta > 0 for method in methods_to_align(cfg).values())
+    for name in methods_to_align(cfg):
+        where = f"compare.{name}" if cfg.compare else "method"
+        broken = compose_config([f"experiment={experiment}", f"{where}.beta=inf"], tmp_path)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(where)}\.beta=inf must be finite$"):
+            validate_config(broken)
 
 
 def test_a_bad_config_fails_before_the_store_or_the_task_is_touched(tmp_path):

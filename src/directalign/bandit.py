@@ -61,8 +61,8 @@ from scipy.optimize import brentq
 from scipy.sparse.csgraph import connected_components
 from scipy.special import logsumexp, wrightomega
 
-from directalign.losses import PAIRWISE_PREFERENCE_LOSSES, copg_loss, length_normaliser, sequence_logratio
-from directalign.validation import ConfigError
+from directalign.errors import ConfigError
+from directalign.losses import LOSSES, Optimum, PairLoss, length_normaliser, sequence_logratio
 
 METHOD_LABELS = {
     "copg": "CoPG",
@@ -365,14 +365,17 @@ def fixed_point(config: BanditConfig, method: str) -> FixedPoint:
         return FixedPoint(
             None, f"not unique: the pairs join the arms into {groups} separate groups, each with its own C"
         )
-    if method == "ipo":
+    loss = LOSSES[method]
+    if loss.optimum is None:
+        return FixedPoint(None, "not derived for this loss")
+    if loss.optimum is Optimum.PREFERENCE_REGRESSION:
         return FixedPoint(
             ipo_fixed_point(rewards, log_ref, normalisers, config.beta, mu1, mu2),
             "pi = pi_ref exp(|y|^a (g0 + C)), g0 the least-squares fit of g(y) - g(y') onto "
             "tanh((R(y) - R(y')) / 2) / (2 beta) weighted by mu1(y) mu2(y'), C the 1-D root of sum pi = 1",
         )
     population = (
-        " (population; on a finite sample, the Bradley-Terry fit of its labels)" if method == "dpo" else ""
+        "" if loss.needs_rewards else " (population; on a finite sample, the Bradley-Terry fit of its labels)"
     )
     return FixedPoint(
         copg_fixed_point(rewards, log_ref, normalisers, config.beta),
@@ -437,17 +440,20 @@ class ArmTensors:
             length_power=config.length_power,
         )
 
-    def logratio(self, logits: torch.Tensor, arms: torch.Tensor) -> torch.Tensor:
+    def logratio(
+        self, logits: torch.Tensor, arms: torch.Tensor, loss: PairLoss | None = None
+    ) -> torch.Tensor:
         """``g(y) = h(y) / |y|^a`` for ``arms`` (``[seeds, batch]``), computed by the LLM code path:
-        ``sequence_logratio`` over each arm's ``|y|`` completion tokens, the first carrying the arm's
-        log-probability and the others 0, so the mask alone sets ``|y|``."""
+        ``sequence_logratio`` (or a registry ``loss``'s own ``sequence_terms``) over each arm's ``|y|``
+        completion tokens, the first carrying the arm's log-probability and the others 0, so the mask
+        alone sets ``|y|``."""
         policy_logps = torch.log_softmax(logits, dim=-1).gather(1, arms).reshape(-1, 1)
         ref_logps = self.log_ref[arms].reshape(-1, 1)
         mask = self.completion_mask[arms.reshape(-1)]
         padding = (0, mask.shape[1] - 1)
-        return sequence_logratio(
-            F.pad(policy_logps, padding), F.pad(ref_logps, padding), mask, self.length_power
-        ).view_as(arms)
+        terms = sequence_logratio if loss is None else loss.sequence_terms
+        padded = (F.pad(policy_logps, padding), F.pad(ref_logps, padding))
+        return terms(*padded, mask, self.length_power).view_as(arms)
 
 
 def policy_gradient_loss(
@@ -471,15 +477,15 @@ def policy_gradient_loss(
 def pair_loss(
     method: str, logits: torch.Tensor, arms: ArmTensors, beta: float, batch: PairData
 ) -> torch.Tensor:
-    """Per-pair loss ``[seeds, batch]`` of ``method``: DPO and IPO see only the Bradley-Terry ranking of
-    a pair, CoPG and the PG baselines see both rewards."""
-    if method in PAIRWISE_PREFERENCE_LOSSES:
-        g_chosen, g_rejected = arms.logratio(logits, batch.chosen), arms.logratio(logits, batch.rejected)
-        return PAIRWISE_PREFERENCE_LOSSES[method](g_chosen, g_rejected, beta)
-    g_a, g_b = arms.logratio(logits, batch.first), arms.logratio(logits, batch.second)
-    reward_a, reward_b = arms.rewards[batch.first], arms.rewards[batch.second]
-    if method == "copg":
-        return copg_loss(g_a, g_b, reward_a, reward_b, beta)
+    """Per-pair loss ``[seeds, batch]`` of ``method``, a loss of the registry or a PG baseline: a ranked
+    loss (DPO, IPO) sees only the Bradley-Terry ranking of a pair, the others see both rewards."""
+    loss = LOSSES.get(method)
+    ranked = loss is not None and not loss.needs_rewards
+    first, second = (batch.chosen, batch.rejected) if ranked else (batch.first, batch.second)
+    g_a, g_b = arms.logratio(logits, first, loss), arms.logratio(logits, second, loss)
+    reward_a, reward_b = arms.rewards[first], arms.rewards[second]
+    if loss is not None:
+        return loss({"beta": beta}, g_a, g_b, reward_a, reward_b)
     if method == "pg_value":  # the exact value E_{y~pi}[R(y)] of each seed's current policy
         baseline = (torch.softmax(logits, dim=-1) * arms.rewards).sum(-1, keepdim=True)
     else:

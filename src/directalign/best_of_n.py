@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from directalign.validation import ConfigError, DataError
+from directalign.errors import ConfigError, DataError
 
 CONFIG_KEY = "stage.evaluate.best_of_n"
 

@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar  # scipy comes with scikit-learn, a dependency
 from scipy.special import expit, log_expit
 
-from directalign.validation import DataError
+from directalign.errors import DataError
 
 CONFIG_KEY = "stage.reward.calibration"
 

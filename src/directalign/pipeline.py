@@ -18,9 +18,15 @@ from directalign.stages.trunk import frozen_trunk
 from directalign.store import Store
 from directalign.tasks import build_task
 from directalign.training import share_sweep_dir_with_ranks, wandb_run_args
-from directalign.validation import check_task_data, methods_to_align, validate_config
+from directalign.validation import check_task_data, validate_config
 
 log = logging.getLogger(__name__)
+
+
+def methods_to_align(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The methods to align by name: those of ``compare``, each named by its key, when it is set; else
+    the single ``method`` under its own name."""
+    return dict(cfg.compare.items()) if cfg.compare else {cfg.method.name: cfg.method}
 
 
 def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[dict] | None:

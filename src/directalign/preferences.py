@@ -17,8 +17,9 @@ from directalign.artifacts import PolicyArtifact
 from directalign.distributed import map_sharded, rank_seed
 from directalign.errors import ConfigError, DataError
 from directalign.generation import sample_completions
+from directalign.scoring import finite_mask
 from directalign.tasks.base import PREFERENCE_COLUMNS, words
-from directalign.validation import finite_mask, require_columns
+from directalign.validation import require_columns
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,13 @@ from transformers import (
 from directalign.tasks.base import GoldJudge
 
 
+def finite_mask(*scores: np.ndarray | None) -> np.ndarray:
+    """True where every given score array (None: absent) is finite: a pair or sample with a NaN or
+    infinite score cannot be ranked or averaged."""
+    present = [np.asarray(s, dtype=np.float64) for s in scores if s is not None]
+    return np.logical_and.reduce([np.isfinite(s) for s in present])
+
+
 @torch.inference_mode()
 def reward_scores(
     model: PreTrainedModel,

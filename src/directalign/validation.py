@@ -9,11 +9,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from directalign.errors import ConfigError, DataError
-from directalign.losses import LOSS_NAMES
+from directalign.losses import LOSSES
 from directalign.models import pretrained_reward_model
 from directalign.tasks.base import EXAMPLE_COLUMNS, SPLITS
 from directalign.tasks.custom import CustomTask
@@ -33,12 +32,6 @@ TEMPLATE_TOKENS = 64
 PAIR_SPECIAL_TOKENS = 3
 
 
-def methods_to_align(cfg: DictConfig) -> dict[str, DictConfig]:
-    """The methods to align by name: those of ``compare``, each named by its key, when it is set; else
-    the single ``method`` under its own name."""
-    return dict(cfg.compare.items()) if cfg.compare else {cfg.method.name: cfg.method}
-
-
 def _number(where: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ConfigError(f"{where}={value!r} must be a number")
@@ -46,7 +39,8 @@ def _number(where: str, value: Any) -> float:
 
 
 def _positive(where: str, value: Any) -> None:
-    if not _number(where, value) > 0:
+    _finite(where, value)
+    if not value > 0:
         raise ConfigError(f"{where}={value} must be > 0")
 
 
@@ -70,9 +64,11 @@ def _in_range(where: str, value: Any, low: float, high: float, open_low: bool = 
 
 
 def _check_method(where: str, method: DictConfig) -> None:
-    if method.loss not in LOSS_NAMES:
-        raise ConfigError(f"{where}.loss={method.loss!r} is not one of {', '.join(LOSS_NAMES)}")
+    if method.loss not in LOSSES:
+        raise ConfigError(f"{where}.loss={method.loss!r} is not one of {', '.join(LOSSES)}")
     _positive(f"{where}.beta", method.beta)
+    for setting in LOSSES[method.loss].settings:
+        _finite(f"{where}.{setting}", method.get(setting))
     _in_range(f"{where}.length_power", method.length_power, 0.0, 1.0)
     seeds = method.seeds
     if not OmegaConf.is_list(seeds) or not seeds or len(set(seeds)) < len(seeds):
@@ -158,7 +154,7 @@ CLAIM_METRICS = ("proxy_reward", "gold_reward", "length_tokens", "kl_to_ref")
 
 
 def _check_contrasts(cfg: DictConfig) -> None:
-    names = ["sft", *methods_to_align(cfg)]
+    names = ["sft", *(cfg.compare or [cfg.method.name])]
     for i, contrast in enumerate(cfg.contrasts):
         if len(contrast) != 2 or any(name not in names for name in contrast):
             raise ConfigError(f"contrasts[{i}]={list(contrast)} must name two evaluated policies of {names}")
@@ -237,6 +233,12 @@ def _check_stages(cfg: DictConfig) -> None:
         for key in ("lr", "epochs", "batch_size"):
             _positive(f"stage.{name}.{key}", stage[name][key])
         _count(f"stage.{name}.checkpoint_every_n_steps", stage[name].checkpoint_every_n_steps)
+    for name in TRAINING_STAGES:
+        _in_range(f"stage.{name}.warmup_ratio", stage[name].warmup_ratio, 0.0, 1.0)
+        weight_decay = stage[name].weight_decay
+        _finite(f"stage.{name}.weight_decay", weight_decay)
+        if weight_decay < 0:
+            raise ConfigError(f"stage.{name}.weight_decay={weight_decay} must be >= 0")
     _in_range("stage.reward.validation_fraction", stage.reward.validation_fraction, 0.0, 1.0, open_low=True)
     _count("stage.sft.max_examples", stage.sft.max_examples, optional=True)
     _count("stage.reward.max_pairs", stage.reward.max_pairs, optional=True)
@@ -248,6 +250,18 @@ def _check_stages(cfg: DictConfig) -> None:
     _count("stage.evaluate.prompt_offset", stage.evaluate.prompt_offset, minimum=0)
     for name in ("reward.sampling", "generate", "evaluate"):
         _count(f"stage.{name}.batch_size", OmegaConf.select(cfg, f"stage.{name}.batch_size"))
+
+
+def _check_all_finite(where: str, node: Any) -> None:
+    """Every number anywhere in the config is finite, whichever check reads it (and those none reads)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_all_finite(f"{where}.{key}" if where else str(key), value)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_all_finite(f"{where}[{i}]", value)
+    elif isinstance(node, float):
+        _finite(where, node)
 
 
 def _check_compare(cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -287,6 +301,7 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     _check_stages(cfg)
     _check_sources(cfg)
     _check_custom_task(cfg)
+    _check_all_finite("", OmegaConf.to_container(cfg, resolve=False))
 
 
 def require_columns(where: str, columns: Sequence[str], required: Iterable[str]) -> None:
@@ -330,9 +345,3 @@ def check_prompt_lengths(
                 f" task.max_completion_tokens={max_completion_tokens} exceeds the model's {positions}"
                 " positions; lower task.max_source_tokens"
             )
-
-
-def finite_mask(*scores: np.ndarray | None) -> np.ndarray:
-    """True where every given score array (None: absent) is finite."""
-    present = [np.asarray(s, dtype=np.float64) for s in scores if s is not None]
-    return np.logical_and.reduce([np.isfinite(s) for s in present])

@@ -17,24 +17,11 @@ from omegaconf import DictConfig
 
 from directalign.lit.base import TrainModule
 from directalign.logprobs import completion_logps
-from directalign.losses import PAIRWISE_PREFERENCE_LOSSES, copg_loss, sequence_logratio
+from directalign.losses import LOSSES
 from directalign.prefix import shared_prompt_completion_logps
 from directalign.trunk import TopLayers, causal_lm
 
 log = logging.getLogger(__name__)
-
-
-def pair_losses(
-    method: DictConfig,
-    logratio_a: torch.Tensor,
-    logratio_b: torch.Tensor,
-    reward_a: torch.Tensor,
-    reward_b: torch.Tensor,
-) -> torch.Tensor:
-    """Per-pair loss of the configured method; preference losses treat a as chosen."""
-    if method.loss == "copg":
-        return copg_loss(logratio_a, logratio_b, reward_a, reward_b, method.beta)
-    return PAIRWISE_PREFERENCE_LOSSES[method.loss](logratio_a, logratio_b, method.beta)
 
 
 class AlignModule(TrainModule):
@@ -93,14 +80,14 @@ class AlignModule(TrainModule):
         return completion_logps(self.model, *rows)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        mask = batch["completion_mask"]
-        logratio = sequence_logratio(
+        mask, loss_fn = batch["completion_mask"], LOSSES[self.method.loss]
+        logratio = loss_fn.sequence_terms(
             self.policy_logps(batch), batch["ref_logps"], mask, self.method.length_power
         )
         a, b = batch["pair_a"], batch["pair_b"]
         logratio_a, logratio_b = logratio[a], logratio[b]
         reward_a, reward_b = batch["reward"][a], batch["reward"][b]
-        loss = pair_losses(self.method, logratio_a, logratio_b, reward_a, reward_b).mean()
+        loss = loss_fn(self.method, logratio_a, logratio_b, reward_a, reward_b).mean()
         lengths = mask.float().sum(-1)
         self._log_step(loss, logratio_a, logratio_b, reward_a, reward_b, torch.cat([lengths[a], lengths[b]]))
         return loss
@@ -116,7 +103,7 @@ class AlignModule(TrainModule):
             "implicit_reward/accuracy": (logratio_a > logratio_b).float().mean(),
             "completion_length": pair_lengths.mean(),
         }
-        if self.method.loss == "copg":
+        if LOSSES[self.method.loss].needs_rewards:
             metrics["reward_beta/a"] = (reward_a - beta * logratio_a).mean()
             metrics["reward_beta/b"] = (reward_b - beta * logratio_b).mean()
         self.log_dict({k: v.detach() for k, v in metrics.items()}, batch_size=size)

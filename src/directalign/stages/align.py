@@ -12,6 +12,7 @@ from directalign.artifacts import AlignedPolicy
 from directalign.errors import DataError
 from directalign.lit.align import AlignModule
 from directalign.lit.callbacks import RewardCurve
+from directalign.losses import LOSSES
 from directalign.models import with_lora
 from directalign.pairs import (
     attach_trunk_states,
@@ -34,7 +35,8 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     cfg, stage_cfg, method = ctx.cfg, ctx.cfg.stage.align, ctx.cfg.method
     sft, reward, offpolicy, trunk = inputs["sft"], inputs["reward"], inputs["offpolicy"], inputs.get("trunk")
     ctx.seed(3 + TRAIN_SEED_STRIDE * method.seed)
-    drop_ties = method.loss != "copg"
+    # A ranked loss learns nothing from a tie; a loss on rewards reads the equal rewards.
+    drop_ties = not LOSSES[method.loss].needs_rewards
     if stage_cfg.group_by_prompt:
         # Whole prompts a batch: each completion runs once, however many pairs it is in.
         items, n_ties = build_prompt_groups(offpolicy.dataset(), drop_ties)

@@ -13,10 +13,10 @@ from directalign.errors import DataError
 from directalign.estimates import sample_metrics
 from directalign.generation import Draw, release_accelerator_memory, sampled_logratios
 from directalign.prompts import Prompts
+from directalign.scoring import finite_mask
 from directalign.stages.base import Stage
 from directalign.stages.context import StageContext
 from directalign.store import Ranks
-from directalign.validation import finite_mask
 
 
 def scored_records(

@@ -19,10 +19,10 @@ from directalign.errors import DataError
 from directalign.generation import release_accelerator_memory, sample_completions
 from directalign.offpolicy_stats import dataset_statistics
 from directalign.preferences import labeller_scores
+from directalign.scoring import finite_mask
 from directalign.stages.base import Stage
 from directalign.stages.context import Prompts, StageContext
 from directalign.store import Ranks
-from directalign.validation import finite_mask
 
 log = logging.getLogger(__name__)
 
