@@ -68,7 +68,8 @@ def claim(metric: str, along: str) -> ClaimSpec:
 
 
 def report(sweep: Path, out: Path, specs: list[ClaimSpec], matched_kl=()) -> Path:
-    return write_length_report(sweep, out, specs, {"length_tokens": 0.5}, matched_kl)
+    write_length_report(sweep, out, specs, {"length_tokens": 0.5}, matched_kl)
+    return out
 
 
 @pytest.fixture

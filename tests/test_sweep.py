@@ -165,6 +165,7 @@ def test_multirun_shares_upstream_stages_and_writes_one_sweep_report(tmp_path):
     report = tmp_path / "frontier"
     claim = "{claim: x, paper: B, contrast: [dpo, ipo], metric: proxy_reward, direction: 1, along: null}"
     command = [sys.executable, "pipelines/frontier_report.py", f"sweep_dir={sweep}", f"out={report}"]
+    command.append(f"hydra.run.dir={tmp_path / 'report_run'}")
     result = subprocess.run(
         [*command, f"claims=[{claim}]"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )

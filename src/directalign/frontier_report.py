@@ -162,6 +162,35 @@ def plot_frontier(out: Path, matched_kl: Sequence[float], path: Path) -> None:
     save_figure(fig, "Reward against KL: each method across its betas, mean over seeds ± 1 SE", path)
 
 
+def log_frontier_wandb(claims: Sequence[Claim], out: Path, **init: Any) -> Path:
+    """One wandb run with the report: the claims and every curve point as tables, proxy and gold
+    against KL as native scatter plots (one chart across methods), and the frontier plot; ``init`` goes
+    to ``wandb.init``. Returns the run's local folder."""
+    import wandb  # here, so that reports without wandb logging never import it
+
+    curves = curves_of(read_per_prompt(out / PER_PROMPT_FILE))
+    columns = ["curve", "beta", "seed", "kl_to_ref", "proxy_reward", "gold_reward", "length_tokens"]
+    points = wandb.Table(
+        columns=columns,
+        data=[
+            [p.curve, p.beta, p.seed, *(p.level(m) if p.means[m] else None for m in columns[3:])]
+            for seeds in curves.values()
+            for ps in seeds.values()
+            for p in ps
+        ],
+    )
+    records = [asdict(c) for c in claims]
+    table = wandb.Table(columns=list(records[0]), data=[list(r.values()) for r in records])
+    logged: dict[str, Any] = {"frontier/claims": table, "frontier/points": points}
+    for key, label in PLOTTED:
+        logged[f"frontier/kl_vs_{key}"] = wandb.plot.scatter(points, "kl_to_ref", key, title=f"{label} vs KL")
+    logged["frontier/plot"] = wandb.Image(str(out / "frontier.png"))
+    Path(init.get("dir", ".")).mkdir(parents=True, exist_ok=True)
+    with wandb.init(**init) as run:
+        run.log(logged)
+        return Path(run.dir).parent
+
+
 def write_frontier_report(
     sweep_dir: Path,
     out: Path,

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from directalign.claims import Claim
 from directalign.errors import ConfigError
 from directalign.frontier import ClaimSpec
 from directalign.frontier_report import write_frontier_report
@@ -114,10 +115,10 @@ def write_length_report(
     claims: Sequence[ClaimSpec],
     power_targets: dict[str, float],
     matched_kl: Sequence[float] = (),
-) -> Path:
+) -> list[Claim]:
     """The frontier report of ``sweep_dir`` in ``out`` (claims, per-prompt data, sweep report), plus
     ``length_vs_score.png`` and the samples' length distributions (``length_distribution.md``, SFT's
-    drawn in the plot)."""
+    drawn in the plot); returns the claims."""
     records = write_frontier_report(Path(sweep_dir), out, claims, {}, power_targets, matched_kl)
     rows, baselines, _ = collect_jobs(Path(sweep_dir))
     groups = method_groups(rows)
@@ -129,4 +130,4 @@ def write_length_report(
         "Lengths of the evaluation samples (tokens): mean, quantiles, share ending before the budget",
     )
     log.info("length report: %d curves, %d claims in %s", len(groups), len(records), out)
-    return out
+    return records
