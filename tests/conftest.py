@@ -15,6 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from directalign.distributed import RANK_VARIABLES
 from directalign.store import MANIFEST, Artifact, Store
 
 if TYPE_CHECKING:
@@ -117,6 +118,23 @@ def mini_smoke_command(folder: Path, *overrides: str, run_dir: str = "hydra") ->
         f"hydra.run.dir={folder}/{run_dir}",
         *overrides,
     ]
+
+
+@pytest.fixture(scope="session")
+def two_rank_runs(tmp_path_factory) -> dict[str, Path]:
+    """The reduced smoke experiment on 2 CPU ranks under ``trainer=ddp_cpu`` and ``trainer=fsdp_cpu``
+    (same seed), side by side: their single-threaded stretches share the two cores."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    runs = {}
+    for trainer in ("ddp_cpu", "fsdp_cpu"):
+        folder = tmp_path_factory.mktemp(trainer)
+        with (folder / "run.log").open("w") as log:
+            command = mini_smoke_command(folder, f"trainer={trainer}")
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        runs[trainer] = (folder, process)
+    for folder, process in runs.values():
+        assert process.wait(timeout=900) == 0, (folder / "run.log").read_text()[-4000:]
+    return {trainer: folder for trainer, (folder, _) in runs.items()}
 
 
 def artifact_files(store: Path) -> dict[str, list[dict]]:

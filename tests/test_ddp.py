@@ -218,30 +218,20 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-def test_pipeline_on_two_ranks_shards_sampling_and_only_rank_zero_writes(tmp_path):
-    """The reduced smoke pipeline under real DDP (2 CPU processes, gloo): it completes, the sampling
-    stages ran on both ranks (the generate manifest records a world of 2, and evaluation too), and the
-    store holds exactly one artifact per stage configuration (rank 1 never wrote one)."""
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
+def test_pipeline_on_two_ranks_shards_sampling_and_only_rank_zero_writes(two_rank_runs, trainer):
+    """The reduced smoke pipeline under real DDP and under FSDP (2 CPU processes, gloo): it completes,
+    the sampling stages ran on both ranks (the generate manifest records a world of 2, and evaluation
+    too), and the store holds exactly one artifact per stage configuration (rank 1 never wrote one)."""
     import json
 
-    from tests.conftest import mini_smoke_command
-
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    result = subprocess.run(
-        mini_smoke_command(tmp_path, "trainer=ddp_cpu"),
-        cwd=ROOT,
-        env=env | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    store = tmp_path / "store"
+    folder = two_rank_runs[trainer]
+    store = folder / "store"
     (generate,) = store.glob(f"generate/*/{MANIFEST}")
     assert json.loads(generate.read_text())["metrics"]["world_size"] == 2
     evaluations = sorted(store.glob(f"evaluate/*/{MANIFEST}"))
     assert [json.loads(m.read_text())["metrics"]["world_size"] for m in evaluations] == [2, 2, 2]
-    with (tmp_path / "results" / "summary.csv").open() as handle:
+    with (folder / "results" / "summary.csv").open() as handle:
         rows = [row.split(",")[0] for row in handle.read().splitlines()[1:]]
         assert rows == ["sft", "dpo", "copg", "best_of_1", "best_of_2", "best_of_4"]
     stages = ("sft", "reward", "generate", "align")
