@@ -103,7 +103,7 @@ MINI_SMOKE = (
     "stage.align.checkpoint_every_n_steps=2",
     "stage.align.curve_every_n_steps=2",
     "stage.align.curve_prompts=2",
-    "stage.evaluate.n_prompts=8",
+    "stage.evaluate.max_prompts=8",
 )
 
 

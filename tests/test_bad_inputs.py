@@ -111,13 +111,13 @@ CONFIG_ERRORS = [
         ["method.loss=kto"], r"^method\.loss='kto' is not one of dpo, ipo, copg, simpo$", id="unknown-loss"
     ),
     pytest.param(
-        ["stage.generate.temperatures=[1.0,0.0]"],
-        r"^stage\.generate\.temperatures\[1\]=0\.0 must be > 0$",
+        ["stage.generate.sampling.temperature=0.0"],
+        r"^stage\.generate\.sampling\.temperature=0\.0 must be > 0$",
         id="generate-temperature",
     ),
     pytest.param(
-        ["stage.evaluate.temperature=-1"],
-        r"^stage\.evaluate\.temperature=-1 must be > 0$",
+        ["stage.evaluate.sampling.temperature=-1"],
+        r"^stage\.evaluate\.sampling\.temperature=-1 must be > 0$",
         id="eval-temperature",
     ),
     pytest.param(
@@ -131,7 +131,24 @@ CONFIG_ERRORS = [
         id="label-temperature",
     ),
     pytest.param(
-        ["stage.generate.top_p=0"], r"^stage\.generate\.top_p=0 must lie in \(0\.0, 1\.0\]$", id="top-p"
+        ["stage.generate.sampling.top_p=0"],
+        r"^stage\.generate\.sampling\.top_p=0 must lie in \(0\.0, 1\.0\]$",
+        id="top-p",
+    ),
+    pytest.param(
+        ["stage.evaluate.sampling.batch_size=0"],
+        r"^stage\.evaluate\.sampling\.batch_size=0 must be an integer >= 1$",
+        id="sampling-batch-size",
+    ),
+    pytest.param(
+        ["stage.reward.sampling.num_samples=3"],
+        r"^stage\.reward\.sampling\.num_samples=3 must be 2: the simulated labeller compares a pair$",
+        id="preference-samples",
+    ),
+    pytest.param(
+        ["stage.sft.max_prompts=0"],
+        r"^stage\.sft\.max_prompts=0 must be an integer >= 1 or null$",
+        id="prompt-limit",
     ),
     pytest.param(
         ["experiment=headlines", "contrasts=[[copg,dpo],[copg,kto]]"],
@@ -156,13 +173,13 @@ CONFIG_ERRORS = [
         marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed"),
     ),
     pytest.param(
-        ["stage.generate.num_completions=1"],
-        r"^stage\.generate\.num_completions=1 x 1 temperatures gives fewer than 2 completions per prompt$",
+        ["stage.generate.sampling.num_samples=1"],
+        r"^stage\.generate\.sampling\.num_samples=1 gives fewer than 2 completions per prompt$",
         id="one-completion",
     ),
     pytest.param(
-        ["stage.generate.num_completions=0"],
-        r"^stage\.generate\.num_completions=0 must be an integer >= 1$",
+        ["stage.generate.sampling.num_samples=0"],
+        r"^stage\.generate\.sampling\.num_samples=0 must be an integer >= 1$",
         id="no-completion",
     ),
     pytest.param(
@@ -181,8 +198,8 @@ CONFIG_ERRORS = [
         id="best-of-zero",
     ),
     pytest.param(
-        ["stage.evaluate.n_samples=0"],
-        r"^stage\.evaluate\.n_samples=0 must be an integer >= 1$",
+        ["stage.evaluate.sampling.num_samples=0"],
+        r"^stage\.evaluate\.sampling\.num_samples=0 must be an integer >= 1$",
         id="no-evaluation-samples",
     ),
     pytest.param(
@@ -367,7 +384,7 @@ def test_prompt_over_the_context_is_refused_naming_the_row():
 
 
 def preference_context(task: Task) -> SimpleNamespace:
-    cfg = OmegaConf.create({"task": {"name": "table"}, "stage": {"reward": {"max_pairs": None}}})
+    cfg = OmegaConf.create({"task": {"name": "table"}, "stage": {"reward": {"max_prompts": None}}})
     return SimpleNamespace(task=task, cfg=cfg)
 
 
@@ -417,7 +434,7 @@ def test_nonfinite_rewards_of_samples_are_dropped_and_counted(mini_context, monk
     ctx, reference = mini_context
     monkeypatch.setattr(artifacts, "Scorer", non_finite_scorer(artifacts.Scorer))
     artifact = GENERATE.run(ctx, {"sft": completed(reference, SFT), "reward": completed(reference, REWARD)})
-    n_sampled = len(ctx.task.examples("offpolicy")) * ctx.cfg.stage.generate.num_completions
+    n_sampled = len(ctx.task.examples("offpolicy")) * ctx.cfg.stage.generate.sampling.num_samples
     n_scored = n_sampled - artifact.metrics["n_empty_dropped"]
     assert artifact.metrics["n_nonfinite_dropped"] == len(range(0, n_scored, 5)) + len(range(2, n_scored, 5))
     assert np.isfinite([r for rewards in artifact.dataset()["reward"] for r in rewards]).all()
@@ -430,7 +447,7 @@ def test_nonfinite_reward_at_evaluation_is_refused_naming_the_row(mini_context, 
     sft, reward_model = completed(reference, SFT), completed(reference, REWARD)
     # SFT's samples (its best-of-n pool) are scored in one call: NaN at 0, 5, 10..., inf at 2, 7, 12...
     evaluation = ctx.cfg.stage.evaluate
-    n_scored = evaluation.n_prompts * max(evaluation.n_samples, *evaluation.best_of_n)
+    n_scored = evaluation.max_prompts * max(evaluation.sampling.num_samples, *evaluation.best_of_n)
     n_broken = len(range(0, n_scored, 5)) + len(range(2, n_scored, 5))
     with pytest.raises(
         DataError,

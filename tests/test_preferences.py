@@ -78,9 +78,9 @@ def labelled(monkeypatch: pytest.MonkeyPatch, length_bias: float) -> preferences
                 "task": {"name": "stand-in", "max_completion_tokens": 8},
                 "stage": {
                     "reward": {
-                        "max_pairs": None,
+                        "max_prompts": None,
                         "label_temperature": 0.001,
-                        "sampling": {"batch_size": 2, "temperature": 1.0, "top_p": 1.0},
+                        "sampling": {"num_samples": 2, "batch_size": 2, "temperature": 1.0, "top_p": 1.0},
                     }
                 },
             }

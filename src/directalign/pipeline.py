@@ -69,7 +69,7 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[dict] |
     if not is_rank_zero():
         return None
     eval_cfg = cfg.stage.evaluate
-    prompts = ctx.prompts("eval", eval_cfg.n_prompts, sft.context_length, eval_cfg.prompt_offset)
+    prompts = ctx.prompts("eval", eval_cfg.max_prompts, sft.context_length, eval_cfg.prompt_offset)
     out = Path(cfg.paths.results_dir)
     rows = write_report(
         results,

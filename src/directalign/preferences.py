@@ -17,6 +17,7 @@ from directalign.artifacts import PolicyArtifact
 from directalign.distributed import map_sharded, rank_seed
 from directalign.errors import ConfigError, DataError
 from directalign.generation import sample_completions
+from directalign.sampling import Sampling
 from directalign.scoring import finite_mask
 from directalign.tasks.base import PREFERENCE_COLUMNS, words
 from directalign.validation import require_columns
@@ -46,7 +47,7 @@ def human_preferences(ctx) -> Preferences | None:
     if pairs is None:
         return None
     require_columns(f"task {ctx.cfg.task.name!r}, preference pairs", pairs.column_names, PREFERENCE_COLUMNS)
-    limit = ctx.cfg.stage.reward.max_pairs
+    limit = ctx.cfg.stage.reward.max_prompts
     if limit is not None:
         pairs = pairs.select(range(min(limit, len(pairs))))
     rows = zip(pairs["source"], pairs["chosen"], pairs["rejected"], strict=True)
@@ -81,22 +82,17 @@ def simulated_preferences(ctx, sft: PolicyArtifact, seed: int) -> Preferences:
     gold = ctx.task.gold_judge()
     if gold is None:
         raise ConfigError(f"task {cfg.task.name!r} has neither human preferences nor a gold judge")
-    prompts = ctx.prompts("preference", stage_cfg.max_pairs, sft.context_length)
-    policy = sft.load(ctx.device)
+    prompts = ctx.prompts("preference", stage_cfg.max_prompts, sft.context_length)
+    policy, sampling = sft.load(ctx.device), Sampling.of(cfg, "reward")
     samples = map_sharded(
         prompts.ids,
         lambda shard: sample_completions(
             policy,
             ctx.tokenizer,
             shard,
-            num_samples=2,
-            max_new_tokens=cfg.task.max_completion_tokens,
-            batch_size=stage_cfg.sampling.batch_size,
-            do_sample=True,
-            temperature=stage_cfg.sampling.temperature,
-            top_p=stage_cfg.sampling.top_p,
             seed=rank_seed(seed),
             desc="preference samples",
+            **sampling.options(),
         ),
     )
     texts = [ctx.decode(pair) for pair in samples]

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from directalign.errors import ConfigError, DataError
 from directalign.losses import LOSSES
 from directalign.models import pretrained_reward_model
+from directalign.sampling import SAMPLING_STAGES
 from directalign.tasks.base import EXAMPLE_COLUMNS, SPLITS
 from directalign.tasks.custom import CustomTask
 from directalign.tasks.custom import check_config as check_custom_task
@@ -175,26 +176,24 @@ def _check_contrasts(cfg: DictConfig) -> None:
 
 
 def _check_sampling(cfg: DictConfig) -> None:
-    generate = cfg.stage.generate
-    _count("stage.generate.num_completions", generate.num_completions)
-    if generate.num_completions * len(generate.temperatures) < 2:
+    for name in SAMPLING_STAGES:
+        where, block = f"stage.{name}.sampling", cfg.stage[name].sampling
+        _count(f"{where}.num_samples", block.num_samples)
+        _positive(f"{where}.temperature", block.temperature)
+        _in_range(f"{where}.top_p", block.top_p, 0.0, 1.0, open_low=True)
+        _count(f"{where}.batch_size", block.batch_size)
+    pairs = cfg.stage.reward.sampling.num_samples
+    if pairs != 2:
         raise ConfigError(
-            f"stage.generate.num_completions={generate.num_completions} x"
-            f" {len(generate.temperatures)} temperatures gives fewer than 2 completions per prompt"
+            f"stage.reward.sampling.num_samples={pairs} must be 2: the simulated labeller compares a pair"
         )
-    for where, value in [
-        *((f"stage.generate.temperatures[{i}]", t) for i, t in enumerate(generate.temperatures)),
-        ("stage.reward.sampling.temperature", cfg.stage.reward.sampling.temperature),
-        ("stage.evaluate.temperature", cfg.stage.evaluate.temperature),
-        ("stage.reward.label_temperature", cfg.stage.reward.label_temperature),
-    ]:
-        _positive(where, value)
-    for where, value in [
-        ("stage.generate.top_p", generate.top_p),
-        ("stage.reward.sampling.top_p", cfg.stage.reward.sampling.top_p),
-        ("stage.evaluate.top_p", cfg.stage.evaluate.top_p),
-    ]:
-        _in_range(where, value, 0.0, 1.0, open_low=True)
+    generate = cfg.stage.generate
+    if generate.sampling.num_samples < 2:
+        raise ConfigError(
+            f"stage.generate.sampling.num_samples={generate.sampling.num_samples} gives fewer than 2"
+            " completions per prompt"
+        )
+    _positive("stage.reward.label_temperature", cfg.stage.reward.label_temperature)
     if generate.reward_source not in REWARD_SOURCES:
         raise ConfigError(
             f"stage.generate.reward_source={generate.reward_source!r} must be one of {list(REWARD_SOURCES)}"
@@ -208,7 +207,6 @@ def _check_sampling(cfg: DictConfig) -> None:
             f" task {cfg.task.name!r} has none"
         )
     evaluate = cfg.stage.evaluate
-    _count("stage.evaluate.n_samples", evaluate.n_samples)
     _count("stage.evaluate.greedy_prompts", evaluate.greedy_prompts, minimum=0)
     for i, n in enumerate(evaluate.best_of_n):
         _count(f"stage.evaluate.best_of_n[{i}]", n)
@@ -240,16 +238,12 @@ def _check_stages(cfg: DictConfig) -> None:
         if weight_decay < 0:
             raise ConfigError(f"stage.{name}.weight_decay={weight_decay} must be >= 0")
     _in_range("stage.reward.validation_fraction", stage.reward.validation_fraction, 0.0, 1.0, open_low=True)
-    _count("stage.sft.max_examples", stage.sft.max_examples, optional=True)
-    _count("stage.reward.max_pairs", stage.reward.max_pairs, optional=True)
-    _count("stage.generate.max_prompts", stage.generate.max_prompts, optional=True)
+    for name in ("sft", "reward", "generate", "evaluate"):
+        _count(f"stage.{name}.max_prompts", stage[name].max_prompts, optional=True)
     _count("stage.align.curve_every_n_steps", stage.align.curve_every_n_steps)
     _count("stage.align.curve_prompts", stage.align.curve_prompts, minimum=0)
     _count("stage.align.prompts_per_batch", stage.align.prompts_per_batch)
-    _count("stage.evaluate.n_prompts", stage.evaluate.n_prompts)
     _count("stage.evaluate.prompt_offset", stage.evaluate.prompt_offset, minimum=0)
-    for name in ("reward.sampling", "generate", "evaluate"):
-        _count(f"stage.{name}.batch_size", OmegaConf.select(cfg, f"stage.{name}.batch_size"))
 
 
 def _check_all_finite(where: str, node: Any) -> None:

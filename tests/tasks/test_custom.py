@@ -167,7 +167,7 @@ def test_some_identical_pairs_are_left_to_the_reward_stage_to_drop_and_count(tmp
     rows[0]["rejected"] = rows[0]["chosen"]
     mixed.write_text("".join(json.dumps(row) + "\n" for row in rows))
     task = custom_task(tmp_path, f"data.path={mixed}", "exclude_preference_splits=[]")
-    cfg = OmegaConf.create({"task": {"name": "custom"}, "stage": {"reward": {"max_pairs": None}}})
+    cfg = OmegaConf.create({"task": {"name": "custom"}, "stage": {"reward": {"max_prompts": None}}})
     kept = human_preferences(SimpleNamespace(task=task, cfg=cfg))
     assert len(kept) == 39 and kept.dropped == {"empty_or_identical": 1}
 
@@ -194,8 +194,8 @@ CUTS = (
     "task.max_completion_tokens=8",
     "stage.sft.epochs=1",
     "stage.align.curve_every_n_steps=100",
-    "stage.evaluate.n_prompts=4",
-    "stage.evaluate.n_samples=1",
+    "stage.evaluate.max_prompts=4",
+    "stage.evaluate.sampling.num_samples=1",
     "stage.evaluate.best_of_n=[1,2]",
     "stage.evaluate.greedy_prompts=2",
 )

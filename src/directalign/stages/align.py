@@ -21,6 +21,7 @@ from directalign.pairs import (
     collate_pairs,
     collate_prompt_groups,
 )
+from directalign.sampling import Sampling
 from directalign.stages.base import Stage
 from directalign.stages.context import StageContext
 from directalign.store import Ranks
@@ -59,6 +60,8 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
         collate_fn=partial(collate, pad_id=ctx.tokenizer.pad_token_id),
     )
     # curve_prompts 0: no curve (greedy decoding costs seconds a point whatever the number of prompts).
+    # The curve decodes greedily with the evaluation's batch size and the task's budget.
+    curve_sampling = Sampling.of(cfg, "evaluate")
     curves = (
         [
             RewardCurve(
@@ -66,8 +69,8 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
                 ctx.prompts("eval", stage_cfg.curve_prompts, sft.context_length),
                 ctx.scorer(reward),
                 stage_cfg.curve_every_n_steps,
-                cfg.task.max_completion_tokens,
-                cfg.stage.evaluate.batch_size,
+                curve_sampling.max_new_tokens,
+                curve_sampling.batch_size,
             )
         ]
         if stage_cfg.curve_prompts
@@ -105,7 +108,7 @@ ALIGN = Stage(
     name="align",
     inputs=("sft", "reward", "offpolicy"),
     # The reward curve samples with the evaluation's batch size.
-    key=("method", "stage.align", "stage.evaluate.batch_size", "seed", "trainer.precision"),
+    key=("method", "stage.align", "stage.evaluate.sampling.batch_size", "seed", "trainer.precision"),
     # A method's name is a label; share_prompt and activation_checkpointing give the same loss and
     # gradients (test_prefix.py, test_checkpointing.py).
     excluded=(

@@ -2,6 +2,7 @@
 KL(policy || SFT), each with its standard error over prompts. The SFT baseline also draws the pool that
 best-of-n is picked from, and every policy may add a greedy table on a few prompts."""
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from directalign.errors import DataError
 from directalign.estimates import sample_metrics
 from directalign.generation import Draw, release_accelerator_memory, sampled_logratios
 from directalign.prompts import Prompts
+from directalign.sampling import Sampling
 from directalign.scoring import finite_mask
 from directalign.stages.base import Stage
 from directalign.stages.context import StageContext
@@ -58,31 +60,32 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     cfg, stage_cfg = ctx.cfg, ctx.cfg.stage.evaluate
     sft, reward, policy = inputs["sft"], inputs["reward"], inputs["policy"]
     seed = ctx.seed(4)
-    prompts = ctx.prompts("eval", stage_cfg.n_prompts, policy.context_length, stage_cfg.prompt_offset)
+    prompts = ctx.prompts("eval", stage_cfg.max_prompts, policy.context_length, stage_cfg.prompt_offset)
     is_baseline = policy.ref == sft.ref
     model = policy.load(ctx.device)
     ref_model = None if is_baseline else sft.load(ctx.device)
-    common = {"max_new_tokens": cfg.task.max_completion_tokens, "batch_size": stage_cfg.batch_size}
-    sampling = common | {"do_sample": True, "temperature": stage_cfg.temperature, "top_p": stage_cfg.top_p}
+    sampling = Sampling.of(cfg, "evaluate")
+    n_samples = sampling.num_samples
 
-    def draw(n: int, draw_seed: int, prompt_ids: list[list[int]], **kwargs: Any) -> list[list[Draw]]:
-        """``n`` draws per prompt, each rank drawing its share of the prompts."""
+    def draw(draw_seed: int, prompt_ids: list[list[int]], options: dict[str, Any]) -> list[list[Draw]]:
+        """Draws with ``options`` (``Sampling.options()`` or ``greedy()``), each rank drawing its share of
+        the prompts."""
 
         def shard_draws(shard: list[list[int]]) -> list[list[Draw]]:
             return sampled_logratios(
-                model, ref_model, ctx.tokenizer, shard, n, rank_seed(draw_seed), **kwargs
+                model, ref_model, ctx.tokenizer, shard, seed=rank_seed(draw_seed), **options
             )
 
         return map_sharded(prompt_ids, shard_draws)
 
     # Every policy draws its samples with the same random numbers (seed), so differences are paired.
-    sampled = draw(stage_cfg.n_samples, seed, prompts.ids, **sampling)
+    sampled = draw(seed, prompts.ids, sampling.options())
     pool_size = max(stage_cfg.best_of_n, default=0) if is_baseline else 0
-    if pool_size > stage_cfg.n_samples:
-        extra = draw(pool_size - stage_cfg.n_samples, seed + 1, prompts.ids, **sampling)
+    if pool_size > n_samples:
+        extra = draw(seed + 1, prompts.ids, replace(sampling, num_samples=pool_size - n_samples).options())
         sampled = [first + more for first, more in zip(sampled, extra, strict=True)]
     greedy_prompts = prompts.ids[: stage_cfg.greedy_prompts]
-    greedy = draw(1, seed, greedy_prompts, **common, do_sample=False) if greedy_prompts else []
+    greedy = draw(seed, greedy_prompts, sampling.greedy()) if greedy_prompts else []
     model = ref_model = None  # room on the GPU for the scorer
     release_accelerator_memory()
     if not is_rank_zero():
@@ -91,11 +94,11 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     greedy_records = scored_records(ctx, reward, prompts, greedy, policy.ref, "greedy") if greedy else []
     Evaluation.save(folder, records, greedy_records)
     has_gold = records[0]["gold_reward"] is not None
-    own = [r for r in records if r["sample"] < stage_cfg.n_samples]
+    own = [r for r in records if r["sample"] < n_samples]
     return sample_metrics(own, has_gold) | {
-        "n_samples": stage_cfg.n_samples,
-        "temperature": stage_cfg.temperature,
-        "best_of_pool": pool_size if pool_size > stage_cfg.n_samples else 0,
+        "n_samples": n_samples,
+        "temperature": sampling.temperature,
+        "best_of_pool": pool_size if pool_size > n_samples else 0,
         "greedy": sample_metrics(greedy_records, has_gold) if greedy_records else None,
         "n_truncated_sources": prompts.n_truncated,
         "world_size": world()[1],

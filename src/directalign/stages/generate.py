@@ -19,6 +19,7 @@ from directalign.errors import DataError
 from directalign.generation import release_accelerator_memory, sample_completions
 from directalign.offpolicy_stats import dataset_statistics
 from directalign.preferences import labeller_scores
+from directalign.sampling import Sampling
 from directalign.scoring import finite_mask
 from directalign.stages.base import Stage
 from directalign.stages.context import Prompts, StageContext
@@ -26,54 +27,45 @@ from directalign.store import Ranks
 
 log = logging.getLogger(__name__)
 
-# sample(prompts, temperature, round) -> (completions, their per-token log-probs) for each prompt.
-Sampler = Callable[[list[list[int]], float, int], tuple[list, list]]
+# sample(prompts) -> (completions, their per-token log-probs) for each of one rank's prompts.
+Sampler = Callable[[list[list[int]]], tuple[list, list]]
 Group = tuple[list[list[int]], list[list[float]]]  # one prompt's completions and their log-probs
 
 
 def sampler(ctx: StageContext, sft: PolicyArtifact, seed: int) -> Sampler:
-    """The configured backend over the SFT policy; ``round`` numbers the temperatures."""
-    cfg = ctx.cfg
-    common = {
-        "num_samples": cfg.stage.generate.num_completions,
-        "max_new_tokens": cfg.task.max_completion_tokens,
-        "top_p": cfg.stage.generate.top_p,
-    }
-    if cfg.stage.generate.backend == "vllm":
+    """The configured backend over the SFT policy, drawing ``stage.generate.sampling``."""
+    sampling = Sampling.of(ctx.cfg, "generate")
+    if ctx.cfg.stage.generate.backend == "vllm":
         from directalign.generation_vllm import VllmSampler  # vLLM is imported only when chosen
 
         engine = VllmSampler(sft.model_dir, ctx.tokenizer.eos_token_id, seed)
-        return lambda prompts, temperature, _: engine(prompts, temperature=temperature, **common)
+        return lambda prompts: engine(
+            prompts,
+            num_samples=sampling.num_samples,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+        )
     policy = sft.load(ctx.device)
 
-    def sample(prompts: list[list[int]], temperature: float, round: int) -> tuple[list, list]:
+    def sample(prompts: list[list[int]]) -> tuple[list, list]:
         return sample_completions(
             policy,
             ctx.tokenizer,
             prompts,
-            batch_size=cfg.stage.generate.batch_size,
-            do_sample=True,
-            temperature=temperature,
-            seed=rank_seed(seed + round),
-            desc=f"off-policy samples (T={temperature})",
+            seed=rank_seed(seed),
+            desc=f"off-policy samples (T={sampling.temperature})",
             return_logps=True,
-            **common,
+            **sampling.options(),
         )
 
     return sample
 
 
-def sample_all_temperatures(
-    sample: Sampler, temperatures: list[float], prompts: list[list[int]]
-) -> list[Group]:
-    """Every temperature's completions (and their sampling log-probs) for one rank's prompts."""
-    shard: list[Group] = [([], []) for _ in prompts]
-    for round, temperature in enumerate(temperatures):
-        samples, sample_logps = sample(prompts, temperature, round)
-        for (completions, logps), new, new_logps in zip(shard, samples, sample_logps, strict=True):
-            completions.extend(new)
-            logps.extend(new_logps)
-    return shard
+def sample_groups(sample: Sampler, prompts: list[list[int]]) -> list[Group]:
+    """One rank's prompts' completions with their sampling log-probs, a group a prompt."""
+    samples, sample_logps = sample(prompts)
+    return list(zip(samples, sample_logps, strict=True))
 
 
 def scored_rows(
@@ -146,7 +138,7 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     prompts = ctx.prompts("offpolicy", stage_cfg.max_prompts, sft.context_length)
     sample = sampler(ctx, sft, seed)
     start = time.perf_counter()
-    groups = map_sharded(prompts.ids, partial(sample_all_temperatures, sample, stage_cfg.temperatures))
+    groups = map_sharded(prompts.ids, partial(sample_groups, sample))
     seconds = time.perf_counter() - start
     del sample  # the sampling engine's memory goes back before scoring (and alignment)
     release_accelerator_memory()

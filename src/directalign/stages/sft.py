@@ -30,7 +30,7 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
 
     model = build()
     positions = getattr(model.config, "max_position_embeddings", None)
-    prompts = ctx.prompts("sft", stage_cfg.max_examples, positions)
+    prompts = ctx.prompts("sft", stage_cfg.max_prompts, positions)
     limit = cfg.task.max_completion_tokens
     completions = completion_ids(tokenizer, prompts.references)
     examples = [(prompt, c[:limit]) for prompt, c in zip(prompts.ids, completions, strict=True)]
