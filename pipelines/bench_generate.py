@@ -8,24 +8,25 @@ tokens and tokens/s counts generated tokens only. Medians over ``repeats`` runs 
 
 At ``prefill_samples`` (K) completions a prompt, ``prefill_once`` (``sample_completions``: each prompt
 prefilled once, its KV cache copied to its K samples) runs against ``repeated_prefill``, the path it
-replaced and which the library no longer has (``repeated_prefill`` below): ``generate`` with
-``num_return_sequences``, which repeats each prompt K times and prefills every copy. Same prompts, same
-batches (by length), same tokens counted.
+replaced and which the library no longer has (``benchmarking.repeated_prefill_samples``, also the
+tests' oracle): ``generate`` with ``num_return_sequences``, which repeats each prompt K times and
+prefills every copy. Same prompts, same batches (by length), same tokens counted.
 """
 
 import random
 import statistics
-from typing import TYPE_CHECKING
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from directalign.benchmarking import benchmark_architecture, resolve_device, time_calls
-from directalign.generation import cut_after_eos, sample_completions
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from directalign.benchmarking import (
+    benchmark_architecture,
+    repeated_prefill_samples,
+    resolve_device,
+    time_calls,
+)
+from directalign.generation import sample_completions
 
 
 def padded_fraction(prompts: list[list[int]], batches: list[list[int]]) -> float:
@@ -38,49 +39,6 @@ def timed(sample, device: str, repeats: int) -> tuple[float, int]:
     """Median wall seconds of ``sample()``, and the tokens its last run generated."""
     timing = time_calls(sample, device, repeats)
     return statistics.median(timing.seconds), sum(len(c) for group in timing.result for c in group)
-
-
-@torch.inference_mode()
-def repeated_prefill(
-    model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    prompt_ids: list[list[int]],
-    *,
-    num_samples: int,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-) -> list[list[list[int]]]:
-    """The baseline: ``sample_completions`` as it was before it prefilled each prompt once (temperature
-    1 sampling, prompts bucketed by length), ``num_return_sequences`` prefilling every copy of a prompt."""
-    model.eval()
-    device = next(model.parameters()).device
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    results: list[list[list[int]]] = [[] for _ in prompt_ids]
-    generator_seed = torch.Generator().manual_seed(seed)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(prompt_ids[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for j, i in enumerate(rows):
-            input_ids[j, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
-            attention_mask[j, width - len(prompt_ids[i]) :] = 1
-        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
-        sequences = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-            top_k=None,
-            do_sample=True,
-        )
-        for j, sequence in enumerate(sequences[:, width:].cpu()):
-            results[rows[j // num_samples]].append(cut_after_eos(sequence.tolist(), eos_id))
-    return results
 
 
 @hydra.main(config_path="../conf", config_name="bench_generate", version_base="1.3")
@@ -138,7 +96,9 @@ def main(cfg: DictConfig) -> None:
         "prefill_once": lambda: sample_completions(
             model, tokenizer, few, do_sample=True, desc="bench", **sampling
         ),
-        "repeated_prefill": lambda: repeated_prefill(model, tokenizer, few, **sampling),
+        "repeated_prefill": lambda: repeated_prefill_samples(
+            model, few, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, **sampling
+        ),
     }
     print(f"{len(few)} prompts x {k} samples")
     k_rates = {}

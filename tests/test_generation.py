@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from directalign.generation import cut_after_eos, sample_completions, shared_prompt_cache
-from directalign.logprobs import batched_completion_logps, gather_token_logps
+from directalign.benchmarking import left_padded, repeated_prefill_samples
+from directalign.generation import sample_completions, shared_prompt_cache
+from directalign.logprobs import batched_completion_logps
 from tests.conftest import tiny_llama
 
 EOS, PAD = 1, 0
@@ -58,46 +59,9 @@ def test_sampling_logps_equal_a_fresh_forward(model):
         assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-5)
 
 
-@torch.inference_mode()
-def sample_with_repeated_prefill(
-    model, *, num_samples, max_new_tokens, batch_size, seed, temperature, return_logps
-):
+def sample_with_repeated_prefill(model, **options):
     """The oracle: ``sample_completions`` as it was, ``num_return_sequences`` prefilling every copy."""
-    order = sorted(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
-    samples, logps = [[] for _ in PROMPTS], [[] for _ in PROMPTS]
-    generator_seed = torch.Generator().manual_seed(seed)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        input_ids, attention_mask = left_pad([PROMPTS[i] for i in rows])
-        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            num_return_sequences=num_samples,
-            return_dict_in_generate=True,
-            output_logits=return_logps,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=PAD,
-            eos_token_id=EOS,
-            top_k=None,
-            do_sample=True,
-            temperature=temperature,
-        )
-        sequences = output.sequences[:, input_ids.shape[1] :]
-        if return_logps:
-            token_logps = gather_token_logps(torch.stack(output.logits, dim=1), sequences)
-        for j, sequence in enumerate(sequences):
-            completion = cut_after_eos(sequence.tolist(), EOS)
-            samples[rows[j // num_samples]].append(completion)
-            if return_logps:
-                logps[rows[j // num_samples]].append(token_logps[j, : len(completion)].tolist())
-    return (samples, logps) if return_logps else samples
-
-
-def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-    return input_ids, (input_ids != PAD).long()
+    return repeated_prefill_samples(model, PROMPTS, pad_id=PAD, eos_id=EOS, **options)
 
 
 # One batch; two batches of different widths; batches of one prompt, the one-token prompt among them.
@@ -141,7 +105,7 @@ def assert_same_steps(got, expected):
 
 
 def test_shared_prompt_cache_samples_like_a_repeated_prefill(model):
-    input_ids, attention_mask = left_pad(PROMPTS)
+    input_ids, attention_mask = left_padded(PROMPTS, PAD)
     torch.manual_seed(0)
     with torch.inference_mode():
         repeated = model.generate(
@@ -157,7 +121,7 @@ def test_shared_prompt_cache_samples_like_a_repeated_prefill(model):
 
 
 def test_greedy_from_a_shared_prompt_cache_equals_greedy_from_the_prompts(model):
-    input_ids, attention_mask = left_pad(PROMPTS)
+    input_ids, attention_mask = left_padded(PROMPTS, PAD)
     with torch.inference_mode():
         single = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=False, **GENERATE

@@ -346,3 +346,67 @@ def time_align_steps(
     )
     module = AlignModule(model.train(), align_cfg, method_cfg, first_layer)
     trainer.fit(module, DataLoader(batches, batch_size=None))
+
+
+def left_padded(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to the longest, and their attention mask."""
+    width = max(len(prompt) for prompt in prompt_ids)
+    input_ids = torch.tensor([[pad_id] * (width - len(prompt)) + prompt for prompt in prompt_ids])
+    attention_mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompt_ids])
+    return input_ids, attention_mask
+
+
+@torch.inference_mode()
+def repeated_prefill_samples(
+    model: "PreTrainedModel",
+    prompt_ids: list[list[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    num_samples: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    temperature: float = 1.0,
+    return_logps: bool = False,
+) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[list[list[float]]]]:
+    """``generation.sample_completions`` as it was before it prefilled each prompt once: prompts
+    bucketed by length, ``generate`` with ``num_return_sequences`` prefilling every copy of a prompt,
+    one torch seed a batch drawn from ``seed``. Kept once, as the sampling benchmark's baseline and the
+    test oracle that the shared prefill samples the same tokens (and, with ``return_logps``, the same
+    per-token log-probs of the raw logits)."""
+    from directalign.generation import cut_after_eos
+    from directalign.logprobs import gather_token_logps
+
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    samples: list[list[list[int]]] = [[] for _ in prompt_ids]
+    logps: list[list[list[float]]] = [[] for _ in prompt_ids]
+    generator_seed = torch.Generator().manual_seed(seed)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, attention_mask = left_padded([prompt_ids[i] for i in rows], pad_id)
+        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            num_return_sequences=num_samples,
+            return_dict_in_generate=True,
+            output_logits=return_logps,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            top_k=None,
+            do_sample=True,
+            temperature=temperature,
+        )
+        sequences = output.sequences[:, input_ids.shape[1] :]
+        if return_logps:
+            token_logps = gather_token_logps(torch.stack(output.logits, dim=1), sequences)
+        for j, sequence in enumerate(sequences.cpu()):
+            completion = cut_after_eos(sequence.tolist(), eos_id)
+            samples[rows[j // num_samples]].append(completion)
+            if return_logps:
+                logps[rows[j // num_samples]].append(token_logps[j, : len(completion)].tolist())
+    return (samples, logps) if return_logps else samples
