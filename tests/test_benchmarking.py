@@ -30,6 +30,7 @@ from directalign.benchmarking import (
     time_calls,
     training_flops,
 )
+from directalign.benchmarking.align_runs import trl_head_skips_masked_positions
 from directalign.logprobs import completion_logps
 from directalign.models import with_lora
 from directalign.pairs import collate_prompt_groups
@@ -250,3 +251,12 @@ def test_cuda_peak_counts_an_allocation():
     held = torch.ones(32 * 2**20 // 4, device="cuda")
     assert cuda_peak_mib() >= 32
     assert held.sum() > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "xpu"])
+def test_trl_head_rule_is_trls_own(device):
+    """The benchmark counts TRL's LM-head FLOPs by TRL's own rule for when its fused head skips masked
+    positions (a private TRL function, read here as the oracle)."""
+    from trl.kernels.chunked_logprob import _use_triton
+
+    assert trl_head_skips_masked_positions(device) == _use_triton(torch.device(device))

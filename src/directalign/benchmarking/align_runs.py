@@ -37,6 +37,7 @@ cost of the align stage when ``n`` method runs share one cache (``scaling_runs``
 """
 
 import copy
+import importlib.util
 import logging
 import math
 import os
@@ -193,6 +194,12 @@ def token_ids(tokenizer: "PreTrainedTokenizerBase", pairs: list[dict[str, str]])
         "chosen_ids": completion_ids(tokenizer, [p["chosen"] for p in pairs]),
         "rejected_ids": completion_ids(tokenizer, [p["rejected"] for p in pairs]),
     }
+
+
+def trl_head_skips_masked_positions(device: str) -> bool:
+    """Whether TRL 1.16's fused LM head scores only completion positions: with Triton on a CUDA or XPU
+    device (its ``kernels/chunked_logprob`` rule, read here rather than imported from a private name)."""
+    return device in ("cuda", "xpu") and importlib.util.find_spec("triton") is not None
 
 
 def trl_step_flops(shape: BatchShape, params: ParameterCounts, trl_args: dict, compact_head: bool) -> int:
@@ -359,11 +366,9 @@ def worker(cfg: dict[str, Any], run: Run) -> dict[str, Any]:
             checkpointing=run.activation_checkpointing,
         )
     else:
-        from trl.trainer.utils import _use_triton  # whether TRL's LM head skips masked positions
-
         with tempfile.TemporaryDirectory() as folder:
             setup_s = run_trl(cfg, run, model, tokenizer, texts[0], device, timer, folder)
-        compact_head = _use_triton(torch.device(device))
+        compact_head = trl_head_skips_masked_positions(device)
         step_flops = partial(trl_step_flops, params=params, trl_args=run.trl_args, compact_head=compact_head)
     steps = iter(zip(timer.seconds, timer.shapes, timer.peak_memory, strict=False))
     segments = {}
