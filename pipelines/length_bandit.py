@@ -25,6 +25,7 @@ from scipy.special import kl_div, softmax
 
 from directalign.bandit import PROBABILITY_SUM_TOLERANCE, arm_normalisers, copg_fixed_point, ipo_fixed_point
 from directalign.errors import ConfigError
+from directalign.losses import LOSSES, Optimum
 
 METHOD_LABELS = {"copg": "CoPG / DPO", "ipo": "IPO"}
 METHOD_STYLES = {"copg": "-", "ipo": "--"}
@@ -128,7 +129,7 @@ def optimum(study: LengthStudy, rewards: np.ndarray, method: str, length_power: 
     >= 0, so they keep their precision near 0."""
     log_ref = np.log(study.reference)
     normalisers = arm_normalisers(study.lengths, length_power)
-    if method == "copg":
+    if LOSSES[method].optimum is Optimum.TILTED:
         policy = copg_fixed_point(rewards, log_ref, normalisers, beta)
     else:
         policy = ipo_fixed_point(rewards, log_ref, normalisers, beta, study.reference, study.reference)
