@@ -1,21 +1,23 @@
-"""Render the claims tables of a results README from the claims.json files they name:
-`python pipelines/results_readme.py [results/README.md]` (`make headlines` runs it after the run).
+"""Render the generated blocks of a results README (claims tables, CSV tables) from the files they
+name: `python pipelines/results_readme.py [results/README.md]` (`make headlines` runs it after the run).
 
-A block reads ``<!-- claims: headlines/claims.json -->``, the table, ``<!-- end claims -->``; the
-table is replaced, the prose around it is left as written.
+A block reads ``<!-- claims: headlines/claims.json -->`` (or ``<!-- table: <file>.csv -->``), the table,
+``<!-- end claims -->`` (``<!-- end table -->``); the table is replaced, the prose around it is left as
+written (src/directalign/readme_blocks.py).
 """
 
 import sys
 from pathlib import Path
 
-from directalign.claims import CLAIMS_BLOCK, render_claim_blocks
+from directalign.claims import CLAIMS_BLOCK
+from directalign.readme_blocks import render_blocks
 
 
 def main(readme: Path) -> None:
     text = readme.read_text()
     if not CLAIMS_BLOCK.search(text):
         sys.exit(f"{readme}: no claims block (<!-- claims: <path> --> ... <!-- end claims -->)")
-    readme.write_text(render_claim_blocks(text, readme.parent))
+    readme.write_text(render_blocks(text, readme.parent))
     print(readme)
 
 

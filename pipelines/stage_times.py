@@ -1,31 +1,61 @@
 """Wall time of every stage computed into a store, from the manifests (``wall_seconds``), oldest first,
-and the total per stage: `python pipelines/stage_times.py [store]` (default ./store). From an empty store
-these are one run's stage times, the budget of an experiment."""
+and the total per stage: `python pipelines/stage_times.py [store] [--out DIR]` (default ./store). From an
+empty store these are one run's stage times, the budget of an experiment. `--out DIR` also writes
+``stage_times.csv`` (per stage: runs, shortest, longest, total) and ``reward_model.csv`` (the held-out
+statistics of every reward model in the store), the files results/README.md renders its numbers from.
+"""
 
 import argparse
+import csv
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
+
+
+def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path, nargs="?", default=Path("store"))
+    parser.add_argument("--out", type=Path, help="write stage_times.csv and reward_model.csv here")
     args = parser.parse_args()
-    manifests = sorted(args.store.glob("*/*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    paths = sorted(args.store.glob("*/*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    manifests = [json.loads(p.read_text()) for p in paths]
     totals: dict[str, list[float]] = defaultdict(list)
     print("| stage | key | wall s |\n|---|---|---|")
-    for path in manifests:
-        manifest = json.loads(path.read_text())
+    for manifest in manifests:
         seconds = manifest.get("wall_seconds")
         if seconds is None:
             continue
         totals[manifest["stage"]].append(seconds)
         print(f"| {manifest['stage']} | {manifest['key']} | {seconds:.0f} |")
-    print("\n| stage | runs | total min |\n|---|---|---|")
-    for stage, times in totals.items():
-        print(f"| {stage} | {len(times)} | {sum(times) / 60:.1f} |")
-    print(f"| all | {sum(map(len, totals.values()))} | {sum(map(sum, totals.values())) / 60:.1f} |")
+    rows = [
+        [stage, len(times), round(min(times)), round(max(times)), round(sum(times) / 60, 1)]
+        for stage, times in totals.items()
+    ]
+    rows.append(
+        ["all", sum(map(len, totals.values())), "", "", round(sum(map(sum, totals.values())) / 60, 1)]
+    )
+    header = ["stage", "runs", "shortest_s", "longest_s", "total_min"]
+    print("\n| " + " | ".join(header) + " |\n|---|---|---|---|---|")
+    print("\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_rows(args.out / "stage_times.csv", header, rows)
+        reward = [
+            [m["key"][:12], name, value]
+            for m in manifests
+            if m["stage"] == "reward"
+            for name, value in sorted(m.get("metrics", {}).items())
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ]
+        write_rows(args.out / "reward_model.csv", ["reward_model", "metric", "value"], reward)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from directalign.claims import (
 )
 from directalign.errors import ConfigError, DataError
 from directalign.estimates import PairedDifference, paired_difference
+from directalign.readme_blocks import render_blocks
 from tests.conftest import ROOT
 
 GOLD_CLAIM = ("CoPG beats DPO on gold reward", "paper B", "copg - dpo", "gold_reward")
@@ -229,12 +230,24 @@ def test_claims_blocks_of_a_readme_are_rendered_from_the_files_they_name(tmp_pat
         render_claim_blocks(readme.replace("run/", "gone/"), tmp_path)
 
 
-def test_the_committed_results_readme_says_what_its_claims_files_hold():
-    """Every claims table of results/README.md is the one its claims.json renders (no hand edits)."""
+def test_the_committed_results_readme_says_what_its_files_hold():
+    """Every claims table and CSV table of results/README.md is the one its file renders (no hand
+    edits)."""
     readme = ROOT / "results" / "README.md"
     text = readme.read_text()
     assert CLAIMS_BLOCK.search(text), "results/README.md has no generated claims table"
-    assert render_claim_blocks(text, readme.parent) == text
+    assert render_blocks(text, readme.parent) == text
+
+
+def test_a_table_block_renders_its_csv(tmp_path):
+    (tmp_path / "times.csv").write_text("stage,runs,total_min\nalign,12,31.25\nsft,1,1.0\n")
+    readme = "<!-- table: times.csv -->\nstale\n<!-- end table -->\n"
+    assert render_blocks(readme, tmp_path) == (
+        "<!-- table: times.csv -->\n| stage | runs | total_min |\n|---|---|---|\n"
+        "| align | 12 | 31.25 |\n| sft | 1 | 1 |\n<!-- end table -->\n"
+    )
+    with pytest.raises(DataError, match=r"table block names gone\.csv, which is not a file under"):
+        render_blocks(readme.replace("times.csv", "gone.csv"), tmp_path)
 
 
 def test_a_tie_is_the_same_text_not_the_same_score():

@@ -106,12 +106,20 @@ def test_manifest_states_the_stage_wall_time_and_stage_times_sums_it(tmp_path):
         return write_file(folder)
 
     first = store.run("sft", {"lr": 1}, {}, slow)
-    store.run("reward", {"lr": 2}, {"sft": first}, write_file)
+    reward = store.run("reward", {"lr": 2}, {"sft": first}, lambda f: write_file(f) | {"val_accuracy": 0.75})
     assert json.loads((first.path / MANIFEST).read_text())["wall_seconds"] >= 0.3
+    out = tmp_path / "facts"
     table = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "stage_times.py"), str(tmp_path)],
+        [sys.executable, str(ROOT / "pipelines" / "stage_times.py"), str(tmp_path), "--out", str(out)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert f"| sft | {first.key} | 0 |" in table and "| all | 2 | 0.0 |" in table
+    assert f"| sft | {first.key} | 0 |" in table and "| all | 2 |  |  | 0.0 |" in table
+    assert (out / "stage_times.csv").read_text().splitlines() == [
+        "stage,runs,shortest_s,longest_s,total_min",
+        "sft,1,0,0,0.0",
+        "reward,1,0,0,0.0",
+        "all,2,,,0.0",
+    ]
+    assert (out / "reward_model.csv").read_text().splitlines()[1] == f"{reward.key[:12]},val_accuracy,0.75"
