@@ -8,6 +8,7 @@ accelerator, which left the sharded path untestable without a GPU; FSDP2 runs on
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ class FullyShardedStrategy(ModelParallelStrategy):
     previous one only once complete, so a run killed while saving resumes from the last whole one.
     """
 
-    def __init__(self, precision: str, layer_classes: list[str] = (), **kwargs: Any):
+    def __init__(self, precision: str, layer_classes: Sequence[str] = (), **kwargs: Any):
         if precision not in PARAM_DTYPES:
             raise ConfigError(
                 f"trainer.precision={precision} under trainer=fsdp: use one of {', '.join(PARAM_DTYPES)}"
