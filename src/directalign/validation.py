@@ -171,8 +171,8 @@ def _check_contrasts(cfg: DictConfig) -> None:
             raise ConfigError(f"{where}.metric={claim.metric!r} must be one of {list(CLAIM_METRICS)}")
         if claim.metric == "gold_reward" and cfg.task.get("gold") is None:
             raise ConfigError(f"{where}.metric='gold_reward' needs a task with a gold judge")
-        if claim.direction not in (1, -1):
-            raise ConfigError(f"{where}.direction={claim.direction!r} must be +1 or -1")
+        if claim.direction not in (1, -1, 0):
+            raise ConfigError(f"{where}.direction={claim.direction!r} must be +1, -1 or 0 (either way)")
 
 
 def _check_sampling(cfg: DictConfig) -> None:
