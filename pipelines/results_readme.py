@@ -1,9 +1,11 @@
 """Render the generated blocks of a results README (claims tables, CSV tables) from the files they
-name: `python pipelines/results_readme.py [results/README.md]` (`make headlines` runs it after the run).
+name: `python pipelines/results_readme.py [README ...]`, by default results/README.md and the top-level
+README.md (`make headlines` and `make length` run it after their runs).
 
 A block reads ``<!-- claims: headlines/claims.json -->`` (or ``<!-- table: <file>.csv -->``), the table,
 ``<!-- end claims -->`` (``<!-- end table -->``); the table is replaced, the prose around it is left as
-written (src/directalign/readme_blocks.py).
+written (src/directalign/readme_blocks.py). A block's path is relative to its README's folder:
+``headlines/claims.json`` in results/README.md, ``results/headlines/claims.json`` in README.md.
 """
 
 import sys
@@ -12,8 +14,11 @@ from pathlib import Path
 from directalign.claims import CLAIMS_BLOCK
 from directalign.readme_blocks import render_blocks
 
+READMES = (Path("results/README.md"), Path("README.md"))
+
 
 def main(readme: Path) -> None:
+    """Render one README's blocks in place; it must hold at least one claims block."""
     text = readme.read_text()
     if not CLAIMS_BLOCK.search(text):
         sys.exit(f"{readme}: no claims block (<!-- claims: <path> --> ... <!-- end claims -->)")
@@ -22,6 +27,5 @@ def main(readme: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2:
-        sys.exit(__doc__.splitlines()[0])
-    main(Path(sys.argv[1] if len(sys.argv) == 2 else "results/README.md"))
+    for path in [Path(arg) for arg in sys.argv[1:]] or READMES:
+        main(path)
