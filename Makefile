@@ -31,7 +31,7 @@ lint: install  ## ruff check and format check
 	$(VENV)/bin/ruff check src pipelines tests
 	$(VENV)/bin/ruff format --check src pipelines tests
 
-smoke: install  ## Whole pipeline, all seven methods, tiny random-init model (about 3 minutes)
+smoke: install  ## Whole pipeline, all seven methods, tiny random-init model
 	$(PY) pipelines/run.py experiment=smoke
 
 bandit: install  ## Paper B's toy bandit (Figure 1) into results/bandit/
@@ -48,7 +48,7 @@ headlines: install  ## The default experiment: paper B's claims on the reward-KL
 	$(FRONTIER_RUN) method=ipo method.beta=0.03,0.01
 	$(FRONTIER_RUN) method=copg method.beta=0.1,0.04
 	$(PY) pipelines/frontier_report.py
-	$(PY) pipelines/results_readme.py results/README.md
+	$(PY) pipelines/results_readme.py
 
 reproduce: bandit length-bandit headlines  ## The bandits and the default experiment (results/bandit, length_bandit, headlines)
 
@@ -61,7 +61,7 @@ length: install  ## Paper A's length study: dpo and copg at a = 0 and 1, two bet
 	$(LENGTH_RUN) method=copg method.length_power=1 method.beta=1.5,4
 	$(PY) pipelines/frontier_report.py --config-name length_report sweep_dir=multirun/length_sweep_bias$(LENGTH_BIAS) \
 		out=results/length$(if $(filter 0.0,$(LENGTH_BIAS)),,_bias$(LENGTH_BIAS))
-	$(PY) pipelines/results_readme.py results/README.md
+	$(PY) pipelines/results_readme.py
 
 beta-sweep: install  ## Pick each headlines method's beta on held-out prompts (results/headlines/beta_sweep/)
 	$(PY) pipelines/run.py -m experiment=beta_sweep method=dpo,copg method.beta=0.01,0.03,0.1,0.3

@@ -4,7 +4,7 @@ random-init 1B Llama-architecture model (bf16-mixed), then the smoke experiment 
 Config ``conf/gpu_check.yaml``; Hydra overrides change it, e.g. ``smoke.run=false`` to skip the
 smoke run, ``timed_steps=20``, ``'smoke.extra_overrides=["stage.align.batch_size=2"]'``. Writes
 ``gpu_check.json`` into the Hydra run folder (``$OUT``, else ``outputs/gpu_check``) and prints one
-line per figure; results/benchmarks.md records them with the card's name. FLOPs follow the FLOP
+line per figure, to be recorded with the card's name. FLOPs follow the FLOP
 model of ``directalign.benchmarking``. Needs a CUDA GPU; run from the repository root.
 """
 
