@@ -109,8 +109,15 @@ def test_manifest_states_the_stage_wall_time_and_stage_times_sums_it(tmp_path):
     reward = store.run("reward", {"lr": 2}, {"sft": first}, lambda f: write_file(f) | {"val_accuracy": 0.75})
     assert json.loads((first.path / MANIFEST).read_text())["wall_seconds"] >= 0.3
     out = tmp_path / "facts"
+    time_log = tmp_path / "time.log"
+    time_log.write_text(
+        'make: done\n\tCommand being timed: "make reproduce"\n\tUser time (seconds): 5.0\n'
+        "\tElapsed (wall clock) time (h:mm:ss or m:ss): 58:31.21\n"
+        "\tMaximum resident set size (kbytes): 10800000\n\tExit status: 0\n"
+    )
+    script = [sys.executable, str(ROOT / "pipelines" / "stage_times.py"), str(tmp_path), "--out", str(out)]
     table = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "stage_times.py"), str(tmp_path), "--out", str(out)],
+        [*script, "--time-log", str(time_log)],
         capture_output=True,
         text=True,
         check=True,
@@ -123,3 +130,14 @@ def test_manifest_states_the_stage_wall_time_and_stage_times_sums_it(tmp_path):
         "all,2,,,0.0",
     ]
     assert (out / "reward_model.csv").read_text().splitlines()[1] == f"{reward.key[:12]},val_accuracy,0.75"
+    assert (out / "run.csv").read_text().splitlines() == [
+        "field,value",
+        "command,make reproduce",
+        "wall_clock,58:31.21",
+        "peak_rss_kb,10800000",
+        "exit_status,0",
+    ]
+    time_log.write_text("Exit status: 0\n")
+    refused = subprocess.run([*script, "--time-log", str(time_log)], capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "not a `/usr/bin/time -v` log (no 'Command being timed' line)" in refused.stderr
