@@ -5,9 +5,12 @@
     python pipelines/bandit.py bandit.rewards=[1,0,3,2] bandit.mu1=[0.25,0.25,0.25,0.25] \
         bandit.mu2=[0.1,0.6,0.1,0.2] bandit.ref=[0.4,0.2,0.2,0.2] bandit.seed=0 out_dir=...  # any bandit
     python pipelines/bandit.py bandit.lengths=[1,3,2] bandit.length_power=1 out_dir=...  # averaged h / |y|
+    python pipelines/bandit.py bandit.mode=online out_dir=...  # pairs from the current policy every step
+    python pipelines/bandit.py bandit.mode=iterative bandit.rounds=3 bandit.reference=previous out_dir=...
 
 Every number lives in conf/bandit.yaml; results/bandit/README.md records the reference runs. Each method's
-population fixed point (src/directalign/bandit.py derives them) is stored beside its trained policy.
+population fixed point under the run's mode (src/directalign/bandit.py derives them) is stored beside its
+trained policy; an iterative run also stores each round's.
 """
 
 import json

@@ -74,7 +74,7 @@ def test_defaults_are_the_papers_setting_and_closed_forms_agree():
     assert config.rewards == (2.5, 2.0, 1.0) and config.beta == 0.5 and config.n_pairs == 10_000
     assert (config.lr, config.batch_size, config.epochs) == (1e-3, 512, 100)
     rewards = torch.tensor(config.rewards, dtype=torch.float64)
-    log_ref = torch.tensor(config.reference, dtype=torch.float64).log()
+    log_ref = torch.tensor(config.pi_ref, dtype=torch.float64).log()
     log_star = log_optimal_policy(rewards, log_ref, config.beta)
     # The CoPG paper's section 5: pi* = (e^5, e^4, e^2) / (e^5 + e^4 + e^2) = (0.7054, 0.2595, 0.0351) and
     # J(pi*) = beta log mean(exp(R / beta)) = 2.1252.
@@ -181,7 +181,7 @@ def test_copg_converges_to_its_fixed_point_at_unequal_lengths(length_power: floa
 def test_fixed_points_at_equal_lengths_are_pi_star_at_beta_over_length_power():
     # h(y) = L^a (R(y) / beta + C) on every arm is softmax(log pi_ref + L^a R / beta), for CoPG and DPO.
     config = bandit_config("bandit.lengths=[4,4,4]", "bandit.length_power=0.5")
-    weights = np.asarray(config.reference) * np.exp(4**0.5 * np.asarray(config.rewards) / 0.5)
+    weights = np.asarray(config.pi_ref) * np.exp(4**0.5 * np.asarray(config.rewards) / 0.5)
     for method in ("copg", "dpo"):
         np.testing.assert_allclose(fixed_point(config, method).policy, weights / weights.sum(), rtol=1e-12)
 
@@ -218,7 +218,7 @@ def test_expected_update_vanishes_at_each_derived_fixed_point(method: str, lengt
     assert abs(point.policy.sum() - 1) < 1e-12
     assert population_gradient(config, method, point.policy).abs().max() < 1e-9
     # The same check fails away from it: at pi_ref, and at the fixed point of the summed (a = 0) loss.
-    assert population_gradient(config, method, np.asarray(config.reference)).abs().max() > 1e-3
+    assert population_gradient(config, method, np.asarray(config.pi_ref)).abs().max() > 1e-3
     summed = fixed_point(bandit_config(*LENGTH_BANDIT), method).policy
     assert population_gradient(config, method, summed).abs().max() > 1e-3
 
@@ -294,16 +294,22 @@ def pipeline(*arguments: str) -> subprocess.CompletedProcess:
             "bandit.lengths must be token counts, integers >= 1, got [1, 0, 2]",
         ),
         (
+            "bandit.py",
+            "bandit.mode=online bandit.reference=previous",
+            "bandit.reference=previous needs bandit.mode=iterative: online would move the reference every "
+            "step, which leaves no KL term",
+        ),
+        (
             "length_bandit.py",
             "study.length_powers=[0,2]",
             "study.length_powers must be in [0, 1], got [0, 2]",
         ),
     ],
-    ids=["bandit", "length_bandit"],
+    ids=["bandit", "bandit_mode", "length_bandit"],
 )
 def test_pipelines_refuse_bad_input_in_one_line(tmp_path: Path, script: str, override: str, message: str):
-    result = pipeline(script, f"hydra.run.dir={tmp_path}", override)
-    assert result.returncode == 1
+    result = pipeline(script, f"hydra.run.dir={tmp_path}", *override.split(), f"out_dir={tmp_path / 'out'}")
+    assert result.returncode == 1 and not (tmp_path / "out").exists()  # refused before any compute
     assert result.stderr.splitlines() == [f"directalign: {message}"]
 
 

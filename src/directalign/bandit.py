@@ -43,6 +43,24 @@ joined arms form more than one group, each group has its own free constant: no u
   no finite fixed point (null).
 - PG, value baseline ``b = E_pi[R]``: the same equations with ``R - b``, and ``b`` depends on ``pi``: a
   2-D root ``(S, b)``, not a closed form nor a 1-D root; not derived (null).
+
+Modes (``mode``), as an alignment run samples its pairs. ``offline``: one round on the ``mu1``/``mu2``
+pairs, everything above. ``iterative``: ``rounds`` rounds of ``epochs`` passes over ``n_pairs`` pairs each,
+round 1 on the ``mu1``/``mu2`` pairs and round ``r >= 2`` on pairs ``y, y' ~ pi_{r-1}`` (round ``r - 1``'s
+trained policy), continuing its logits with a fresh Adam, the reference fixed at pi_ref (``reference:
+sft``) or moved to ``pi_{r-1}`` (``previous``: mirror descent, where CoPG is REBEL's regression with
+``1 / eta = beta``, divided by ``2 beta``). Round ``r``'s fixed point is the one above with
+``mu1 = mu2 = pi*_{r-1}``, the previous round's fixed point, and that reference (``round_fixed_points``).
+As the tilted optimum ignores the sampling, CoPG and DPO stay at ``pi_ref exp(|y|^a (R / beta + C))`` with
+``sft``, and with ``previous`` reach ``pi_ref exp(|y|^a (r R / beta + C))`` after ``r`` rounds, the tilt at
+``beta / r``; IPO and PG follow their sampling round by round. ``online``: every optimiser step draws
+``batch_size`` fresh pairs ``y, y' ~ pi`` from the current policy, as many steps as offline, against the
+SFT reference only (one moved every step would leave no KL term). CoPG and DPO keep the tilted fixed point.
+PG's expected update is then zero iff ``(R - b - beta g) / |y|^a`` is the same on every arm (``m = 2 pi``
+above): ``h = |y|^a R / beta + C |y|^(2a)`` for baseline 0, a 1-D root; with the value baseline the same
+at equal ``|y|^a``, else a 2-D root ``(b, C)``, not derived (null). At ``a = 0`` both are the tilted
+point: on-policy PG follows the exact gradient of ``J``. IPO's fit is weighted by the policy itself, a
+self-consistent point, not derived (null).
 """
 
 from __future__ import annotations
@@ -50,7 +68,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -71,6 +89,8 @@ METHOD_LABELS = {
     "ipo": "IPO (Bradley-Terry preferences)",
     "dpo": "DPO (Bradley-Terry preferences)",
 }
+MODES = ("offline", "iterative", "online")
+REFERENCES = ("sft", "previous")
 # Distributions are typed by hand in YAML or on the command line: allow thirds written 0.3333333.
 PROBABILITY_SUM_TOLERANCE = 1e-6
 CONFIG_KEYS = (
@@ -89,7 +109,12 @@ CONFIG_KEYS = (
     "seeds",
     "methods",
     "log_every",
+    "mode",
+    "reference",
+    "rounds",
 )
+# Left out of an offline run's summary, so it keeps the layout it had before the modes existed.
+ROUND_KEYS = ("mode", "reference", "rounds")
 
 
 @dataclass(frozen=True)
@@ -110,6 +135,9 @@ class BanditConfig:
     seeds: tuple[int, ...]
     methods: tuple[str, ...]
     log_every: int
+    mode: str
+    reference: str
+    rounds: int
 
     @classmethod
     def from_mapping(cls, section: Mapping) -> BanditConfig:
@@ -135,6 +163,9 @@ class BanditConfig:
             seeds=_sequence("seed" if seed is not None else "seeds", seeds),
             methods=_sequence("methods", section["methods"]),
             log_every=section["log_every"],
+            mode=section["mode"],
+            reference=section["reference"],
+            rounds=section["rounds"],
         )
 
     def __post_init__(self) -> None:
@@ -163,7 +194,7 @@ class BanditConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"bandit.{key} must be a number > 0, got {value!r}")
-        for key in ("n_pairs", "batch_size", "epochs", "log_every"):
+        for key in ("n_pairs", "batch_size", "epochs", "log_every", "rounds"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"bandit.{key} must be an integer >= 1, got {value!r}")
@@ -178,9 +209,22 @@ class BanditConfig:
             raise ConfigError(
                 f"bandit.methods must be distinct names among {list(METHOD_LABELS)}, got {list(self.methods)}"
             )
+        for key, choices in (("mode", MODES), ("reference", REFERENCES)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"bandit.{key} must be one of {list(choices)}, got {getattr(self, key)!r}")
+        if self.mode != "iterative" and self.rounds != 1:
+            raise ConfigError(
+                f"bandit.rounds={self.rounds} needs bandit.mode=iterative: {self.mode} trains a single round"
+            )
+        if self.mode != "iterative" and self.reference == "previous":
+            why = {
+                "offline": "offline trains one round, with no previous policy",
+                "online": "online would move the reference every step, which leaves no KL term",
+            }[self.mode]
+            raise ConfigError(f"bandit.reference=previous needs bandit.mode=iterative: {why}")
 
     @property
-    def reference(self) -> tuple[float, ...]:
+    def pi_ref(self) -> tuple[float, ...]:
         """pi_ref, with ``ref: null`` read as uniform."""
         n_arms = len(self.rewards)
         return self.ref if self.ref is not None else (1.0 / n_arms,) * n_arms
@@ -331,10 +375,79 @@ def pg_fixed_point(
 
 
 def fixed_point(config: BanditConfig, method: str) -> FixedPoint:
-    """``method``'s population fixed point at the config's lengths and length power (module docstring)."""
-    rewards, mu1, mu2 = (np.asarray(values) for values in (config.rewards, config.mu1, config.mu2))
-    log_ref = np.log(config.reference)
+    """``method``'s population fixed point at the config's lengths, length power and mode (module
+    docstring); for ``iterative``, that of the last round."""
+    if config.mode == "iterative":
+        return round_fixed_points(config, method)[-1]
+    rewards = np.asarray(config.rewards)
+    log_ref = np.log(config.pi_ref)
     normalisers = arm_normalisers(config.completion_lengths, config.length_power)
+    if config.mode == "online":
+        return online_fixed_point(method, rewards, log_ref, normalisers, config.beta)
+    return population_fixed_point(
+        method, rewards, log_ref, normalisers, config.beta, np.asarray(config.mu1), np.asarray(config.mu2)
+    )
+
+
+def round_fixed_points(config: BanditConfig, method: str) -> list[FixedPoint]:
+    """Each round's fixed point in ``iterative`` mode: round 1 the offline one, round ``r`` that of pairs
+    drawn from round ``r - 1``'s fixed point, against pi_ref or that point (``reference``). The list
+    ends at the first round without one (null), as every later round would depend on it."""
+    rewards = np.asarray(config.rewards)
+    log_sft = np.log(config.pi_ref)
+    normalisers = arm_normalisers(config.completion_lengths, config.length_power)
+    mu1, mu2, log_ref = np.asarray(config.mu1), np.asarray(config.mu2), log_sft
+    points: list[FixedPoint] = []
+    for round_number in range(1, config.rounds + 1):
+        point = population_fixed_point(method, rewards, log_ref, normalisers, config.beta, mu1, mu2)
+        sampled = "mu1, mu2" if round_number == 1 else f"round {round_number - 1}'s fixed point"
+        reference = "pi_ref" if round_number == 1 or config.reference == "sft" else sampled
+        points.append(
+            FixedPoint(
+                point.policy,
+                f"round {round_number}, pairs from {sampled}, reference {reference}: {point.note}",
+            )
+        )
+        if point.policy is None:
+            break
+        mu1 = mu2 = point.policy
+        if config.reference == "previous":
+            log_ref = np.log(point.policy)
+    return points
+
+
+def online_fixed_point(
+    method: str, rewards: np.ndarray, log_ref: np.ndarray, normalisers: np.ndarray, beta: float
+) -> FixedPoint:
+    """``online`` mode's fixed point, pairs drawn from the policy itself (module docstring)."""
+    if method in LOSSES:
+        if LOSSES[method].optimum is not Optimum.TILTED:
+            return FixedPoint(
+                None, "not derived: the pairs' weights are the policy itself, a self-consistent fit"
+            )
+        return FixedPoint(
+            copg_fixed_point(rewards, log_ref, normalisers, beta),
+            "pi = pi_ref exp(|y|^a (R / beta + C)), C the 1-D root of sum pi = 1, whatever the sampling",
+        )
+    if method == "pg_value" and np.ptp(normalisers) > 0:
+        return FixedPoint(None, "not derived: the baseline E_pi[R] and C form a 2-D root at unequal |y|^a")
+    return FixedPoint(
+        normalised_policy(log_ref, normalisers**2, rewards / (beta * normalisers)),
+        "pi = pi_ref exp(|y|^a R / beta + C |y|^(2a)), C the 1-D root of sum pi = 1, where on-policy PG's "
+        "expected update is zero: (R - beta h / |y|^a) / |y|^a the same on every arm",
+    )
+
+
+def population_fixed_point(
+    method: str,
+    rewards: np.ndarray,
+    log_ref: np.ndarray,
+    normalisers: np.ndarray,
+    beta: float,
+    mu1: np.ndarray,
+    mu2: np.ndarray,
+) -> FixedPoint:
+    """``method``'s fixed point on pairs ``y ~ mu1``, ``y' ~ mu2`` (module docstring)."""
     if method == "pg_value":
         return FixedPoint(
             None,
@@ -347,14 +460,14 @@ def fixed_point(config: BanditConfig, method: str) -> FixedPoint:
             return FixedPoint(
                 None, f"none finite: arms {unvisited} never appear in a pair, where stationarity needs pi = 0"
             )
-        if logsumexp(log_ref + normalisers * rewards / config.beta) <= 0:
+        if logsumexp(log_ref + normalisers * rewards / beta) <= 0:
             return FixedPoint(
                 None,
                 "not derived: sum pi_ref exp(|y|^a R / beta) <= 1 puts it at S <= 0, where an arm's "
                 "stationarity equation can have two roots",
             )
         return FixedPoint(
-            pg_fixed_point(rewards, log_ref, normalisers, config.beta, mu1 + mu2),
+            pg_fixed_point(rewards, log_ref, normalisers, beta, mu1 + mu2),
             "h = |y|^a R / beta - omega(log S + log(pi_ref |y|^(2a) / ((mu1 + mu2) beta)) + |y|^a R / beta), "
             "omega the Wright omega function, log S the 1-D root of sum pi = 1",
         )
@@ -370,7 +483,7 @@ def fixed_point(config: BanditConfig, method: str) -> FixedPoint:
         return FixedPoint(None, "not derived for this loss")
     if loss.optimum is Optimum.PREFERENCE_REGRESSION:
         return FixedPoint(
-            ipo_fixed_point(rewards, log_ref, normalisers, config.beta, mu1, mu2),
+            ipo_fixed_point(rewards, log_ref, normalisers, beta, mu1, mu2),
             "pi = pi_ref exp(|y|^a (g0 + C)), g0 the least-squares fit of g(y) - g(y') onto "
             "tanh((R(y) - R(y')) / 2) / (2 beta) weighted by mu1(y) mu2(y'), C the 1-D root of sum pi = 1",
         )
@@ -378,7 +491,7 @@ def fixed_point(config: BanditConfig, method: str) -> FixedPoint:
         "" if loss.needs_rewards else " (population; on a finite sample, the Bradley-Terry fit of its labels)"
     )
     return FixedPoint(
-        copg_fixed_point(rewards, log_ref, normalisers, config.beta),
+        copg_fixed_point(rewards, log_ref, normalisers, beta),
         f"pi = pi_ref exp(|y|^a (R / beta + C)), C the 1-D root of sum pi = 1{population}",
     )
 
@@ -402,15 +515,14 @@ class PairData:
         return PairData(*(tensor.gather(1, index) for tensor in self.tensors()))
 
 
-def sample_pairs(config: BanditConfig, generator: torch.Generator) -> PairData:
-    """One seed's dataset: ``n_pairs`` pairs ``(y, y')`` and the Bradley-Terry winner of each,
+def sample_pairs(
+    rewards: torch.Tensor, mu1: torch.Tensor, mu2: torch.Tensor, n_pairs: int, generator: torch.Generator
+) -> PairData:
+    """One seed's ``n_pairs`` pairs ``y ~ mu1``, ``y' ~ mu2`` and the Bradley-Terry winner of each,
     ``P(y > y') = sigmoid(R(y) - R(y'))``, as a labeller with that reward would rank them."""
-    mu1 = torch.tensor(config.mu1, dtype=torch.float64)
-    mu2 = torch.tensor(config.mu2, dtype=torch.float64)
-    rewards = torch.tensor(config.rewards, dtype=torch.float64)
-    first = torch.multinomial(mu1, config.n_pairs, replacement=True, generator=generator)
-    second = torch.multinomial(mu2, config.n_pairs, replacement=True, generator=generator)
-    first_wins = torch.rand(config.n_pairs, generator=generator, dtype=torch.float64) < torch.sigmoid(
+    first = torch.multinomial(mu1, n_pairs, replacement=True, generator=generator)
+    second = torch.multinomial(mu2, n_pairs, replacement=True, generator=generator)
+    first_wins = torch.rand(n_pairs, generator=generator, dtype=torch.float64) < torch.sigmoid(
         rewards[first] - rewards[second]
     )
     return PairData(
@@ -423,8 +535,9 @@ def sample_pairs(config: BanditConfig, generator: torch.Generator) -> PairData:
 
 @dataclass(frozen=True)
 class ArmTensors:
-    """What the losses read of the arms: rewards, log pi_ref, and each arm's completion mask and the
-    length power that normalise its log-ratio."""
+    """What the losses read of the arms: rewards, the reference's log-probs (``[arms]``, or ``[seeds, arms]``
+    for a reference of its own per seed), and each arm's completion mask and the length power that
+    normalise its log-ratio."""
 
     rewards: torch.Tensor
     log_ref: torch.Tensor
@@ -435,7 +548,7 @@ class ArmTensors:
     def from_config(cls, config: BanditConfig) -> ArmTensors:
         return cls(
             rewards=torch.tensor(config.rewards, dtype=torch.float64),
-            log_ref=torch.tensor(config.reference, dtype=torch.float64).log(),
+            log_ref=torch.tensor(config.pi_ref, dtype=torch.float64).log(),
             completion_mask=completion_mask(config.completion_lengths),
             length_power=config.length_power,
         )
@@ -448,7 +561,7 @@ class ArmTensors:
         completion tokens, the first carrying the arm's log-probability and the others 0, so the mask
         alone sets ``|y|``."""
         policy_logps = torch.log_softmax(logits, dim=-1).gather(1, arms).reshape(-1, 1)
-        ref_logps = self.log_ref[arms].reshape(-1, 1)
+        ref_logps = self.log_ref.expand_as(logits).gather(1, arms).reshape(-1, 1)
         mask = self.completion_mask[arms.reshape(-1)]
         padding = (0, mask.shape[1] - 1)
         terms = sequence_logratio if loss is None else loss.sequence_terms
@@ -495,28 +608,74 @@ def pair_loss(
 
 @dataclass(frozen=True)
 class TrainResult:
-    """One method over all seeds: final policies ``[seeds, arms]`` and their J ``[seeds]``, and regrets
-    ``[seeds, len(steps)]``."""
+    """One method over all seeds: final policies ``[seeds, arms]`` and their J ``[seeds]``, regrets
+    ``[seeds, len(steps)]``, and the policy at the end of each round ``[rounds, seeds, arms]``."""
 
     policies: np.ndarray
     objectives: np.ndarray
     steps: list[int]
     regrets: np.ndarray
+    round_policies: np.ndarray
 
 
-def seed_streams(seed: int) -> tuple[torch.Generator, torch.Generator]:
-    """Independent generators for a seed's dataset and for its shuffles, so every method of a seed
-    sees the same pairs in the same order and changing the data draw never shifts the shuffles."""
-    data_seed, shuffle_seed = (
-        int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(2)
+def seed_streams(seed: int) -> tuple[torch.Generator, torch.Generator, torch.Generator]:
+    """Independent generators for a seed's dataset, for its shuffles and for the pairs it draws from its
+    own policy (iterative rounds after the first, online steps), so every method of a seed sees the same
+    pairs in the same order and changing one draw never shifts another. ``spawn`` keys each child by its
+    index alone, so the first two are those of the code before the third existed."""
+    data_seed, shuffle_seed, policy_seed = (
+        int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(3)
     )
-    return torch.Generator().manual_seed(data_seed), torch.Generator().manual_seed(shuffle_seed)
+    return tuple(torch.Generator().manual_seed(s) for s in (data_seed, shuffle_seed, policy_seed))
 
 
 def sample_datasets(config: BanditConfig) -> PairData:
-    """Every seed's dataset, stacked into ``[seeds, n_pairs]`` tensors."""
-    per_seed = [sample_pairs(config, seed_streams(seed)[0]) for seed in config.seeds]
+    """Every seed's ``mu1``/``mu2`` dataset, stacked into ``[seeds, n_pairs]`` tensors."""
+    rewards, mu1, mu2 = (
+        torch.tensor(v, dtype=torch.float64) for v in (config.rewards, config.mu1, config.mu2)
+    )
+    per_seed = [
+        sample_pairs(rewards, mu1, mu2, config.n_pairs, seed_streams(seed)[0]) for seed in config.seeds
+    ]
+    return stack_seeds(per_seed)
+
+
+def stack_seeds(per_seed: Sequence[PairData]) -> PairData:
+    """Seeds' pairs as one ``PairData`` of ``[seeds, n]`` tensors."""
     return PairData(*(torch.stack(column) for column in zip(*(d.tensors() for d in per_seed), strict=True)))
+
+
+def policy_pairs(
+    rewards: torch.Tensor, logits: torch.Tensor, n_pairs: int, generators: Sequence[torch.Generator]
+) -> PairData:
+    """``n_pairs`` pairs ``y, y' ~ pi`` per seed, each from its own row of ``logits`` and generator."""
+    policies = torch.softmax(logits.detach(), dim=-1)
+    return stack_seeds(
+        [sample_pairs(rewards, pi, pi, n_pairs, g) for pi, g in zip(policies, generators, strict=True)]
+    )
+
+
+def steps_per_round(config: BanditConfig) -> int:
+    """Optimiser steps of one round, ``epochs`` passes over ``n_pairs`` pairs (online: as many)."""
+    return config.epochs * math.ceil(config.n_pairs / config.batch_size)
+
+
+def shuffled_batches(
+    config: BanditConfig, data: PairData, shufflers: Sequence[torch.Generator]
+) -> Iterator[PairData]:
+    """``epochs`` passes over ``data`` in ``batch_size`` batches, reshuffled every pass per seed."""
+    for _ in range(config.epochs):
+        order = torch.stack([torch.randperm(config.n_pairs, generator=g) for g in shufflers])
+        for index in order.split(config.batch_size, dim=1):
+            yield data.take(index)
+
+
+def online_batches(
+    config: BanditConfig, logits: torch.Tensor, rewards: torch.Tensor, samplers: Sequence[torch.Generator]
+) -> Iterator[PairData]:
+    """A fresh batch from the current policy per step: drawn lazily, after the previous step's update."""
+    for _ in range(steps_per_round(config)):
+        yield policy_pairs(rewards, logits, config.batch_size, samplers)
 
 
 @contextmanager
@@ -533,25 +692,33 @@ def single_thread() -> Iterator[None]:
 
 @single_thread()
 def train(config: BanditConfig, method: str, data: PairData) -> TrainResult:
-    """Adam on the logits (started at pi_ref) for ``epochs`` shuffled passes over the pairs, all seeds
-    at once, recording the regret ``J(pi*) - J(pi)`` every ``log_every`` steps and at the end."""
+    """Adam on the logits (started at pi_ref), all seeds at once, in the config's mode: ``rounds`` rounds
+    of ``epochs`` shuffled passes, round 1 over ``data`` (offline: the only one), or online one fresh batch
+    per step; recording the regret ``J(pi*) - J(pi)`` every ``log_every`` steps and at the end."""
     arms = ArmTensors.from_config(config)
     rewards, log_ref = arms.rewards, arms.log_ref
-    shufflers = [seed_streams(seed)[1] for seed in config.seeds]
+    _, shufflers, samplers = zip(*(seed_streams(seed) for seed in config.seeds), strict=True)
     logits = log_ref.repeat(len(config.seeds), 1).requires_grad_()
-    optimiser = torch.optim.Adam([logits], lr=config.lr)
 
     def current_regret() -> np.ndarray:
         with torch.no_grad():
             return regret(torch.log_softmax(logits, -1), rewards, log_ref, config.beta).numpy()
 
-    steps, regrets = [0], [current_regret()]
-    total_steps = config.epochs * math.ceil(config.n_pairs / config.batch_size)
+    steps, regrets, round_policies = [0], [current_regret()], []
+    total_steps = config.rounds * steps_per_round(config)
     step = 0
-    for _ in range(config.epochs):
-        order = torch.stack([torch.randperm(config.n_pairs, generator=g) for g in shufflers])
-        for index in order.split(config.batch_size, dim=1):
-            loss = pair_loss(method, logits, arms, config.beta, data.take(index)).mean(-1).sum()
+    for round_number in range(1, config.rounds + 1):
+        if config.mode == "online":
+            batches = online_batches(config, logits, rewards, samplers)
+        else:
+            if round_number > 1:
+                data = policy_pairs(rewards, logits, config.n_pairs, samplers)
+                if config.reference == "previous":
+                    arms = replace(arms, log_ref=torch.log_softmax(logits.detach(), -1))
+            batches = shuffled_batches(config, data, shufflers)
+        optimiser = torch.optim.Adam([logits], lr=config.lr)
+        for batch in batches:
+            loss = pair_loss(method, logits, arms, config.beta, batch).mean(-1).sum()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -559,12 +726,14 @@ def train(config: BanditConfig, method: str, data: PairData) -> TrainResult:
             if step % config.log_every == 0 or step == total_steps:
                 steps.append(step)
                 regrets.append(current_regret())
+        round_policies.append(torch.log_softmax(logits.detach(), -1).exp().numpy())
     log_policies = torch.log_softmax(logits.detach(), -1)
     return TrainResult(
         policies=log_policies.exp().numpy(),
         objectives=objective(log_policies, rewards, log_ref, config.beta).numpy(),
         steps=steps,
         regrets=np.stack(regrets, axis=1),
+        round_policies=np.stack(round_policies),
     )
 
 
@@ -573,12 +742,32 @@ def _spread(values: np.ndarray) -> np.ndarray:
     return values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros_like(values[0])
 
 
+def round_entries(config: BanditConfig, method: str, round_policies: np.ndarray) -> list[dict]:
+    """Per round of an ``iterative`` run, the seed-mean policy beside that round's fixed point and their
+    total variation (null after the first round without a fixed point)."""
+    targets = [point.policy for point in round_fixed_points(config, method)]
+    targets += [None] * (len(round_policies) - len(targets))
+    entries = []
+    for round_number, (policies, target) in enumerate(zip(round_policies, targets, strict=True), start=1):
+        policy = policies.mean(axis=0)
+        entries.append(
+            {
+                "round": round_number,
+                "policy": policy.tolist(),
+                "fixed_point": None if target is None else target.tolist(),
+                "fixed_point_tv": None if target is None else total_variation(policy, target),
+            }
+        )
+    return entries
+
+
 def run(config: BanditConfig) -> dict:
     """Train every method on the same per-seed datasets; return the JSON-ready summary: pi*, J(pi*)
     and per method the seed-mean final policy beside the method's fixed point (or null and why) and
-    their total variation, J and regret, their spread, per-seed values and curves."""
+    their total variation, J and regret, their spread, per-seed values and curves; for an ``iterative``
+    run also each round's policy and fixed point."""
     rewards = torch.tensor(config.rewards, dtype=torch.float64)
-    log_ref = torch.tensor(config.reference, dtype=torch.float64).log()
+    log_ref = torch.tensor(config.pi_ref, dtype=torch.float64).log()
     data = sample_datasets(config)
     methods = {}
     for method in config.methods:
@@ -612,26 +801,44 @@ def run(config: BanditConfig) -> dict:
                 )
             ],
         }
+        if config.mode == "iterative":
+            methods[method]["rounds"] = round_entries(config, method, result.round_policies)
+    settings = asdict(config)
+    if config.mode == "offline":
+        settings = {key: value for key, value in settings.items() if key not in ROUND_KEYS}
     return {
-        "config": asdict(config),
+        "config": settings,
         "pi_star": log_optimal_policy(rewards, log_ref, config.beta).exp().tolist(),
         "J_star": float(optimal_value(rewards, log_ref, config.beta)),
         "methods": methods,
     }
 
 
+def mode_description(config: Mapping) -> str:
+    """How the run sampled its pairs, for the table and figure; empty offline (the summary's config then
+    has no ``mode``), so an offline run's table and figure are those from before the modes existed."""
+    if "mode" not in config:
+        return ""
+    if config["mode"] == "online":
+        return "online, pairs from the current policy every step"
+    reference = "pi_ref" if config["reference"] == "sft" else "the previous round's policy"
+    return f"iterative, {config['rounds']} rounds, reference {reference}"
+
+
 def summary_table(summary: dict) -> str:
     """Markdown table of the final policy, J, regret and distance to the fixed point of each method: seed
-    means, and the regret's sample std over seeds."""
+    means, and the regret's sample std over seeds; for an iterative run, each round's distance too."""
     config = summary["config"]
     seeds = config["seeds"]
     arms = len(summary["pi_star"])
     lengths = config["lengths"] or [1] * arms
+    mode = mode_description(config)
     lines = [
         f"Toy bandit (paper B, Figure 1, with lengths): R = {config['rewards']}, |y| = {lengths}, "
         f"length power a = {config['length_power']}, beta = {config['beta']}, "
         f"{config['n_pairs']} pairs, Adam lr {config['lr']}, batch {config['batch_size']}, "
-        f"{config['epochs']} epochs; {len(seeds)} seed(s) {seeds}. J(pi*) = {summary['J_star']:.4f}.",
+        f"{config['epochs']} epochs; {len(seeds)} seed(s) {seeds}. J(pi*) = {summary['J_star']:.4f}."
+        + (f" Mode {mode}." if mode else ""),
         "",
         "| method | "
         + " | ".join(f"pi(arm {i})" for i in range(arms))
@@ -646,6 +853,21 @@ def summary_table(summary: dict) -> str:
         regret = f"{entry['regret']:.4g} ± {entry['regret_std']:.2g}"
         distance = "none derived" if entry["fixed_point_tv"] is None else f"{entry['fixed_point_tv']:.2g}"
         lines.append(f"| {entry['label']} | {policy} | {entry['J']:.4f} | {regret} | {distance} |")
+    if config.get("mode") == "iterative":
+        rounds = range(1, config["rounds"] + 1)
+        lines += [
+            "",
+            "TV of each round's policy to that round's fixed point:",
+            "",
+            "| method | " + " | ".join(f"round {r}" for r in rounds) + " |",
+            "|---|" + "---:|" * len(rounds),
+        ]
+        for entry in summary["methods"].values():
+            distances = [
+                "none derived" if row["fixed_point_tv"] is None else f"{row['fixed_point_tv']:.2g}"
+                for row in entry["rounds"]
+            ]
+            lines.append(f"| {entry['label']} | " + " | ".join(distances) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -665,9 +887,10 @@ def regret_figure(summary: dict) -> Figure:
     axes.set_yscale("log", nonpositive="mask")
     axes.set_xlabel("optimiser step")
     axes.set_ylabel("regret  J(pi*) - J(pi)")
+    mode = mode_description(config)
     axes.set_title(
         f"Toy bandit, beta = {config['beta']}, lr {config['lr']}, {config['epochs']} epochs, "
-        f"{len(config['seeds'])} seed(s)"
+        f"{len(config['seeds'])} seed(s)" + (f"\n{mode}" if mode else "")
     )
     axes.legend()
     return figure
