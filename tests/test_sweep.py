@@ -58,6 +58,19 @@ def fake_job(
     write_policies(results, rows, frontier, folder)
 
 
+def test_sweep_report_picks_the_beta_of_highest_proxy_averaged_over_training_seeds(tmp_path):
+    # beta 0.1's best single seed (0.9) loses to beta 0.3's seed mean: (0.9 + 0.1) / 2 < (0.6 + 0.6) / 2.
+    seeds = {0.03: (0.2, 0.2), 0.1: (0.9, 0.1), 0.3: (0.6, 0.6)}
+    for beta, proxies in seeds.items():
+        for seed, proxy in enumerate(proxies):
+            fake_job(tmp_path / f"dpo_{beta}_seed{seed}" / "results", "dpo", beta, proxy, kl=10.0 + seed)
+
+    pick = json.loads((write_sweep_report(tmp_path) / PICKS_FILE).read_text())["dpo"]
+
+    assert (pick["beta"], pick["grid"], pick["interior"]) == (0.3, [0.03, 0.1, 0.3], False)
+    assert pick["proxy_reward"] == pytest.approx(0.6) and pick["kl_to_ref"] == pytest.approx(10.5)
+
+
 def test_sweep_report_picks_each_methods_beta_by_proxy_and_says_whether_interior(tmp_path):
     grid = {"dpo": {0.03: 0.2, 0.1: 0.5, 0.3: 0.4}, "ipo": {0.01: 0.6, 0.03: 0.5, 0.1: 0.3}}
     for method, proxies in grid.items():

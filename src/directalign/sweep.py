@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -113,22 +114,33 @@ class Pick:
         return "at the grid's " + ("lowest" if self.beta == min(self.grid) else "highest") + " beta"
 
 
+def seed_mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    """``key`` averaged over the training seeds of one beta (None where a row lacks it)."""
+    values = [r.get(key) for r in rows]
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
 def picks_of(groups: dict[str, list[dict[str, Any]]]) -> dict[str, Pick]:
-    """Each method's beta of highest proxy reward, with its grid."""
+    """Each method's beta of highest proxy reward averaged over its training seeds (its scores are those
+    seed means; its standard error the seeds' mean one), with its grid of distinct betas."""
     picks = {}
     for name, group in groups.items():
-        best = max(group, key=lambda r: r[SELECTION_METRIC])
-        grid = sorted(r["beta"] for r in group)
+        by_beta: dict[float, list[dict[str, Any]]] = defaultdict(list)
+        for row in group:
+            by_beta[row["beta"]].append(row)
+        grid = sorted(by_beta)
+        beta = max(grid, key=lambda b: seed_mean(by_beta[b], SELECTION_METRIC))
+        rows = by_beta[beta]
         picks[name] = Pick(
-            method=best["method"],
-            beta=best["beta"],
-            length_power=best["length_power"],
-            proxy_reward=best["proxy_reward"],
-            proxy_se=best.get("proxy_se"),
-            gold_reward=best.get("gold_reward"),
-            kl_to_ref=best.get("kl_to_ref"),
+            method=rows[0]["method"],
+            beta=beta,
+            length_power=rows[0]["length_power"],
+            proxy_reward=seed_mean(rows, "proxy_reward"),
+            proxy_se=seed_mean(rows, "proxy_se"),
+            gold_reward=seed_mean(rows, "gold_reward"),
+            kl_to_ref=seed_mean(rows, "kl_to_ref"),
             grid=grid,
-            interior=len(grid) >= 3 and min(grid) < best["beta"] < max(grid),
+            interior=len(grid) >= 3 and min(grid) < beta < max(grid),
         )
     return picks
 
