@@ -825,6 +825,11 @@ def mode_description(config: Mapping) -> str:
     return f"iterative, {config['rounds']} rounds, reference {reference}"
 
 
+def tv_cell(row: Mapping) -> str:
+    """A summary row's distance to its fixed point as a table cell ("none derived" without one)."""
+    return "none derived" if row["fixed_point_tv"] is None else f"{row['fixed_point_tv']:.2g}"
+
+
 def summary_table(summary: dict) -> str:
     """Markdown table of the final policy, J, regret and distance to the fixed point of each method: seed
     means, and the regret's sample std over seeds; for an iterative run, each round's distance too."""
@@ -851,8 +856,7 @@ def summary_table(summary: dict) -> str:
     for entry in summary["methods"].values():
         policy = " | ".join(f"{p:.4f}" for p in entry["policy"])
         regret = f"{entry['regret']:.4g} ± {entry['regret_std']:.2g}"
-        distance = "none derived" if entry["fixed_point_tv"] is None else f"{entry['fixed_point_tv']:.2g}"
-        lines.append(f"| {entry['label']} | {policy} | {entry['J']:.4f} | {regret} | {distance} |")
+        lines.append(f"| {entry['label']} | {policy} | {entry['J']:.4f} | {regret} | {tv_cell(entry)} |")
     if config.get("mode") == "iterative":
         rounds = range(1, config["rounds"] + 1)
         lines += [
@@ -863,11 +867,9 @@ def summary_table(summary: dict) -> str:
             "|---|" + "---:|" * len(rounds),
         ]
         for entry in summary["methods"].values():
-            distances = [
-                "none derived" if row["fixed_point_tv"] is None else f"{row['fixed_point_tv']:.2g}"
-                for row in entry["rounds"]
-            ]
-            lines.append(f"| {entry['label']} | " + " | ".join(distances) + " |")
+            lines.append(
+                f"| {entry['label']} | " + " | ".join(tv_cell(row) for row in entry["rounds"]) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
