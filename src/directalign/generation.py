@@ -7,7 +7,15 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from directalign.logprobs import batched_completion_logps, gather_token_logps
 from directalign.trunk import LayerInputs, shared_trunk_layer, top_layers_completion_logps
@@ -59,9 +67,6 @@ def sample_completions(
     logps: list[list[list[float]]] = [[] for _ in prompt_ids]
     states: list[list[torch.Tensor]] = [[] for _ in prompt_ids]
     generator_seed = torch.Generator().manual_seed(seed)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    )
     share_prefill = num_samples > 1
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         rows = order[start : start + batch_size]
@@ -80,9 +85,11 @@ def sample_completions(
                 shared_prompt_cache(model, input_ids, attention_mask, num_samples) if share_prefill else None
             )
             torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
+            step_logps = SampledTokenLogps() if return_logps else None
             output = model.generate(
                 return_dict_in_generate=True,
-                output_logits=return_logps,
+                logits_processor=sampling_processors(step_logps, do_sample, temperature, top_p),
+                do_sample=do_sample,
                 input_ids=input_ids.repeat_interleave(num_samples, dim=0),
                 attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
                 cache=prompt_cache,
@@ -91,11 +98,12 @@ def sample_completions(
                 eos_token_id=eos_id,
                 top_k=None,
                 synced_gpus=synced_gpus,
-                **sampling,
+                # The warpers come in logits_processor; these keep the model's generation_config out.
+                **({"temperature": 1.0, "top_p": 1.0} if do_sample else {}),
             )
         sequences = output.sequences[:, width:].cpu()
         if return_logps:
-            token_logps = gather_token_logps(torch.stack(output.logits, dim=1).cpu(), sequences)
+            token_logps = step_logps.finish(output.sequences, sequences.shape[1]).cpu()
         if layer_inputs is not None:
             batch_states = recorded_states(recorder, num_samples if share_prefill else 1, output.sequences)
         for j, sequence in enumerate(sequences):
@@ -110,6 +118,46 @@ def sample_completions(
     if layer_inputs is not None:
         return results, logps, states
     return (results, logps) if return_logps else results
+
+
+class SampledTokenLogps(LogitsProcessor):
+    """The log-prob of each sampled token under the raw logits (temperature 1), gathered one step late:
+    a step's logits are kept until the next step's ``input_ids`` show which token was drawn from them.
+    Only one step's ``[R, V]`` logits are held at a time, where ``output_logits`` would hold them all
+    and stack them again to gather (a second of every evaluation batch of 128 rows, measured).
+    It must run before any warper, on the logits the model returned."""
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:
+            self.steps.append(gather_token_logps(self.pending, input_ids[:, -1]))
+        self.pending = scores
+        return scores
+
+    def finish(self, sequences: torch.Tensor, generated: int) -> torch.Tensor:
+        """``[R, T]`` log-probs of the ``T = generated`` last tokens of ``sequences``, the last one read off
+        them (unless a step ``generate`` ran and undid already showed it)."""
+        if len(self.steps) < generated:
+            self.steps.append(gather_token_logps(self.pending, sequences[:, -1]))
+        self.pending = None
+        return torch.stack(self.steps[:generated], dim=1)
+
+
+def sampling_processors(
+    token_logps: SampledTokenLogps | None, do_sample: bool, temperature: float, top_p: float
+) -> LogitsProcessorList:
+    """``generate``'s processors: the log-prob recorder first, on the raw logits, then the warpers that
+    ``generate`` itself would build from ``temperature`` and ``top_p``, in its order. Passing them here
+    rather than as ``generate``'s arguments keeps the recorder ahead of them."""
+    processors = LogitsProcessorList([token_logps] if token_logps is not None else [])
+    if do_sample and temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if do_sample and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    return processors
 
 
 def recorded_states(recorder: LayerInputs, prefill_copies: int, sequences: torch.Tensor) -> torch.Tensor:
