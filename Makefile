@@ -77,6 +77,7 @@ sweep: install  ## Paper B's beta grids on the default task (two multiruns, one 
 bench: install  ## Align step against TRL's DPOTrainer, and sampling throughput (see results/benchmarks.md)
 	$(PY) pipelines/bench.py
 	$(PY) pipelines/bench_generate.py
+	$(PY) pipelines/bench_sampling.py
 
 gpu-check: install  ## On a GPU: smoke with trainer=gpu (bf16), align-step throughput and MFU of a 1B model
 	$(PY) pipelines/gpu_check.py

@@ -27,6 +27,7 @@ from directalign.benchmarking import (
     pair_tokens,
     peak_memory_mib,
     peak_rss_mib,
+    sampling_flops,
     time_calls,
     training_flops,
 )
@@ -114,6 +115,17 @@ def test_align_step_flops_by_hand(pair_batch):
     # one logit per prompt and one per completion input: K = 2 + 8 = 10.
     assert align_step_positions(shape, share_prompt=True) == (18, 10)
     assert align_step_flops(shape, params, share_prompt=True) == 6 * 18592 * 18 + 6 * 2048 * 10 == 2_130_816
+
+
+def test_sampling_flops_by_hand():
+    params = ParameterCounts(non_embedding=1000, head=300)
+    # Prompts of 5 and 2 tokens, each run once; samples of 3, 1 (eos at once) and 4, 2 tokens. Positions
+    # through the layers: 5 + 2 prompt tokens and (3 - 1) + 0 + (4 - 1) + (2 - 1) fed-back samples = 13;
+    # through the head: every sampled token, 3 + 1 + 4 + 2 = 10.
+    flops = sampling_flops(params, [5, 2], [[[7, 8, 9], [1]], [[4, 4, 4, 1], [6, 1]]])
+    assert flops == 2 * 1000 * 13 + 2 * 300 * 10 == 32_000
+    # An empty completion (none sampled) feeds nothing back and reads no logits.
+    assert sampling_flops(params, [5], [[[]]]) == 2 * 1000 * 5
 
 
 def test_pair_tokens_count_each_pair_as_pair_rows(grouped_batch, pair_batch):

@@ -172,6 +172,16 @@ def forward_flops(params: ParameterCounts, positions: int, head_positions: int) 
     return 2 * params.non_embedding * positions + 2 * params.head * head_positions
 
 
+def sampling_flops(params: ParameterCounts, prompt_lengths: list[int], completions: list[list[int]]) -> int:
+    """The useful FLOPs of sampling ``completions`` (each prompt's, in order) by the align step's model:
+    every prompt token once through the layers (a prompt prefilled once, however many samples share it),
+    every sampled token but the last through the layers, and every sampled token's logits through the
+    LM head. Padding, rows that already ended and repeated prefills are work it does not credit."""
+    tokens = [len(c) for group in completions for c in group]
+    positions = sum(prompt_lengths) + sum(max(n - 1, 0) for n in tokens)
+    return forward_flops(params, positions, head_positions=sum(tokens))
+
+
 def training_flops(params: ParameterCounts, positions: int, head_positions: int) -> int:
     """``6 N T + 6 H K``: forward and backward, the backward costing twice the forward."""
     return 3 * forward_flops(params, positions, head_positions)
@@ -370,12 +380,12 @@ def repeated_prefill_samples(
     temperature: float = 1.0,
     return_logps: bool = False,
 ) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[list[list[float]]]]:
-    """``generation.sample_completions`` as it was before it prefilled each prompt once: prompts
-    bucketed by length, ``generate`` with ``num_return_sequences`` prefilling every copy of a prompt,
+    """``generation.sample_completions`` as it was before it prefilled each prompt once (with its draw):
+    prompts bucketed by length, ``generate`` on each prompt repeated K times, prefilling every copy,
     one torch seed a batch drawn from ``seed``. Kept once, as the sampling benchmark's baseline and the
     test oracle that the shared prefill samples the same tokens (and, with ``return_logps``, the same
     per-token log-probs of the raw logits)."""
-    from directalign.generation import cut_after_eos
+    from directalign.generation import cut_after_eos, sampling_processors
     from directalign.logprobs import gather_token_logps
 
     model.eval()
@@ -389,17 +399,19 @@ def repeated_prefill_samples(
         input_ids, attention_mask = left_padded([prompt_ids[i] for i in rows], pad_id)
         torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
         output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            num_return_sequences=num_samples,
+            # Each prompt repeated num_samples times, as num_return_sequences lays them out (which
+            # generate refuses for the greedy step this draw runs in).
+            input_ids=input_ids.repeat_interleave(num_samples, dim=0).to(device),
+            attention_mask=attention_mask.repeat_interleave(num_samples, dim=0).to(device),
             return_dict_in_generate=True,
             output_logits=return_logps,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=eos_id,
             top_k=None,
-            do_sample=True,
-            temperature=temperature,
+            # The draw sample_completions uses (generation.InverseCdfDraw), after the same temperature.
+            logits_processor=sampling_processors(None, True, temperature, 1.0),
+            do_sample=False,
         )
         sequences = output.sequences[:, input_ids.shape[1] :]
         if return_logps:
