@@ -31,6 +31,75 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# pytest-xdist (`-n 2 --dist loadfile`, pyproject's addopts): each test file runs on one worker, so its
+# module-scoped fixtures run once. The session fixtures that run whole pipelines are used from several
+# files: those files form one unit (SHARED_RUNS), so that the fixture too runs once a session, not once a
+# worker. Units start slowest first (SLOWEST_FIRST, by measured time), so that the last ones are short.
+# (xdist's own `--dist loadgroup` would do the grouping from marks, but under pytest 9.2 it silently
+# does not group: pytest-dev/pytest-xdist#1386.)
+SHARED_RUNS = {
+    "mini_runs": ("test_bad_inputs.py", "test_determinism.py", "test_resume.py", "test_stages.py"),
+    "two_rank_runs": ("test_ddp.py", "test_fsdp.py"),
+}
+SLOWEST_FIRST = (
+    "mini_runs",
+    "two_rank_runs",
+    "tests/test_pipeline_smoke.py",
+    "tests/test_sampling_distribution.py",
+    "tests/tasks/test_custom.py",
+    "tests/test_trunk.py",
+    "tests/test_sweep.py",
+    "tests/test_generation.py",
+    "tests/test_align.py",
+    "tests/test_launchers.py",
+    "tests/test_bandit.py",
+    "tests/test_distributed.py",
+)
+UNIT_OF_FILE = {f"tests/{name}": unit for unit, names in SHARED_RUNS.items() for name in names}
+
+
+def xdist_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its file, or the SHARED_RUNS fixture its file shares."""
+    path = nodeid.split("::", 1)[0]
+    return UNIT_OF_FILE.get(path, path)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On a pytest-xdist worker: one torch thread in the worker and in every process it starts. The tiny
+    models are overhead-bound; two workers on two cores, each with two threads, would wait on each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse a test that uses a SHARED_RUNS fixture from a file outside its unit (the fixture would run
+    again on another worker); under xdist, order the items slowest unit first (stable within a unit)."""
+    for item in items:
+        for fixture in set(SHARED_RUNS) & set(item.fixturenames):
+            if xdist_unit(item.nodeid) != fixture:
+                raise pytest.UsageError(f"{item.nodeid} uses {fixture}: add its file to SHARED_RUNS")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {unit: index for index, unit in enumerate(SLOWEST_FIRST)}
+        items.sort(key=lambda item: rank.get(xdist_unit(item.nodeid), len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` with SHARED_RUNS's files as one unit each, in the workers' (slowest first) order."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order the workers collected: slowest unit first
+    return SharedRunScheduling(config, log)
+
 
 def compose_config(overrides: list[str], tmp: Path | None = None) -> DictConfig:
     """The composed app config, with every path redirected into ``tmp``."""
