@@ -380,12 +380,12 @@ def repeated_prefill_samples(
     temperature: float = 1.0,
     return_logps: bool = False,
 ) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[list[list[float]]]]:
-    """``generation.sample_completions`` as it was before it prefilled each prompt once (with its draw):
+    """``generation.sample_completions`` as it was before it prefilled each prompt once:
     prompts bucketed by length, ``generate`` on each prompt repeated K times, prefilling every copy,
     one torch seed a batch drawn from ``seed``. Kept once, as the sampling benchmark's baseline and the
     test oracle that the shared prefill samples the same tokens (and, with ``return_logps``, the same
     per-token log-probs of the raw logits)."""
-    from directalign.generation import cut_after_eos, sampling_processors
+    from directalign.generation import cut_after_eos
     from directalign.logprobs import gather_token_logps
 
     model.eval()
@@ -409,9 +409,8 @@ def repeated_prefill_samples(
             pad_token_id=pad_id,
             eos_token_id=eos_id,
             top_k=None,
-            # The draw sample_completions uses (generation.InverseCdfDraw), after the same temperature.
-            logits_processor=sampling_processors(None, True, temperature, 1.0),
-            do_sample=False,
+            do_sample=True,
+            temperature=temperature,
         )
         sequences = output.sequences[:, input_ids.shape[1] :]
         if return_logps:
