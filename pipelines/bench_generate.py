@@ -9,8 +9,8 @@ tokens and tokens/s counts generated tokens only. Medians over ``repeats`` runs 
 At ``prefill_samples`` (K) completions a prompt, ``prefill_once`` (``sample_completions``: each prompt
 prefilled once, its KV cache copied to its K samples) runs against ``repeated_prefill``, the path it
 replaced and which the library no longer has (``benchmarking.repeated_prefill_samples``, also the
-tests' oracle): ``generate`` on each prompt repeated K times, as ``num_return_sequences`` repeats
-it, prefilling every copy. Same prompts, same batches (by length), same tokens counted.
+tests' oracle): ``generate`` with ``num_return_sequences``, which repeats each prompt K times and
+prefills every copy. Same prompts, same batches (by length), same tokens counted.
 """
 
 import random

@@ -23,25 +23,28 @@ import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM
 
 from directalign.benchmarking import ParameterCounts, matmul_peak_flops, sampling_flops
 from directalign.generation import sample_completions
-from directalign.models import build_policy, pretrained_source
+from directalign.models import build_policy, pretrained_source, with_lora
 from directalign.prompts import Prompts
 from directalign.sampling import Sampling
 from directalign.stages.context import StageContext
 from directalign.store import Store
 from directalign.tasks import build_task
+from directalign.trunk import first_trained_layer
 
 # Each benchmarked stage: the split it samples and whether it records the trunk's states.
 STAGES = {"generate": ("offpolicy", False), "evaluate": ("eval", True)}
 
 
-def first_lora_layer(cfg: DictConfig) -> int | None:
-    """The lowest layer the experiment's align LoRA trains: where evaluation records the trunk's states."""
-    lora = cfg.stage.align.get("lora")
-    layers = lora.get("layers_to_transform") if lora else None
-    return min(layers) if layers else None
+def first_lora_layer(cfg: DictConfig, model) -> int | None:
+    """The lowest layer the experiment's align LoRA trains (``trunk.first_trained_layer`` on a weightless
+    copy with its adapters): where evaluation records the trunk's states."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    return first_trained_layer(with_lora(skeleton, cfg.stage.align.get("lora")))
 
 
 def ours(model, tokenizer, prompts: list[list[int]], sampling: Sampling, layer: int | None, seed: int):
@@ -148,7 +151,7 @@ def bench_shape(bench, cfg, ctx, stage: str, model, generator, params: Parameter
     split, records_trunk = STAGES[stage]
     prompts = ctx.prompts(split, bench.prompts, None)
     sampling = Sampling.of(cfg, stage)
-    layer = first_lora_layer(cfg) if records_trunk else None
+    layer = first_lora_layer(cfg, model) if records_trunk else None
     tokenizer = ctx.tokenizer
     samplers = {"ours": partial(ours, model, tokenizer, sampling=sampling, layer=layer, seed=bench.seed)}
     if generator is not None:

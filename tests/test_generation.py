@@ -1,5 +1,5 @@
 """Batched sampling: bucketed order restored, eos cut, sampling log-probs equal a fresh forward, and a
-prompt prefilled once for all its samples samples what prefilling every copy of it samples."""
+prompt prefilled once for all its samples samples what ``num_return_sequences``' repeated prefill does."""
 
 from types import SimpleNamespace
 
@@ -60,7 +60,7 @@ def test_sampling_logps_equal_a_fresh_forward(model):
 
 
 def sample_with_repeated_prefill(model, **options):
-    """The oracle: ``sample_completions`` as it was, every copy of a prompt prefilled."""
+    """The oracle: ``sample_completions`` as it was, ``num_return_sequences`` prefilling every copy."""
     return repeated_prefill_samples(model, PROMPTS, pad_id=PAD, eos_id=EOS, **options)
 
 

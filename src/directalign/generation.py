@@ -124,7 +124,7 @@ class SampledTokenLogps(LogitsProcessor):
     """The log-prob of each sampled token under the raw logits (temperature 1), gathered one step late:
     a step's logits are kept until the next step's ``input_ids`` show which token was drawn from them.
     Only one step's ``[R, V]`` logits are held at a time, where ``output_logits`` would hold them all
-    and stack them again to gather (a second of every evaluation batch of 128 rows, measured).
+    and stack them again to gather (~0.5 GB at an evaluation batch of 128 rows x 20 steps).
     It must run before any warper, on the logits the model returned."""
 
     def __init__(self) -> None:

@@ -380,8 +380,8 @@ def repeated_prefill_samples(
     temperature: float = 1.0,
     return_logps: bool = False,
 ) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[list[list[float]]]]:
-    """``generation.sample_completions`` as it was before it prefilled each prompt once:
-    prompts bucketed by length, ``generate`` on each prompt repeated K times, prefilling every copy,
+    """``generation.sample_completions`` as it was before it prefilled each prompt once: prompts
+    bucketed by length, ``generate`` with ``num_return_sequences`` prefilling every copy of a prompt,
     one torch seed a batch drawn from ``seed``. Kept once, as the sampling benchmark's baseline and the
     test oracle that the shared prefill samples the same tokens (and, with ``return_logps``, the same
     per-token log-probs of the raw logits)."""
@@ -399,10 +399,9 @@ def repeated_prefill_samples(
         input_ids, attention_mask = left_padded([prompt_ids[i] for i in rows], pad_id)
         torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
         output = model.generate(
-            # Each prompt repeated num_samples times, as num_return_sequences lays them out (which
-            # generate refuses for the greedy step this draw runs in).
-            input_ids=input_ids.repeat_interleave(num_samples, dim=0).to(device),
-            attention_mask=attention_mask.repeat_interleave(num_samples, dim=0).to(device),
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            num_return_sequences=num_samples,
             return_dict_in_generate=True,
             output_logits=return_logps,
             max_new_tokens=max_new_tokens,
