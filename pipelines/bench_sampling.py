@@ -9,7 +9,10 @@ model in float32, the same prompts, batches and temperature. Tokens count every 
 included. ``generate_mfu`` is the useful FLOPs a second over the float32 matmul peak measured in the same
 run, FLOPs by the align step's model (``benchmarking.sampling_flops``), so padding, finished rows and
 repeated prefills are not credited to either side. The evaluate shape also records the hidden states
-entering the first LoRA layer (what scores the reference on the shared trunk); the engine cannot.
+entering the first LoRA layer (what scores the reference on the shared trunk); the engine cannot. There
+ours runs twice: on the prompts alone (the first policy evaluated in a process), and from the reference's
+prompt cache (``prompt_cache.py``, built untimed: every later policy), whose prefill runs only the layers
+above the trunk and whose FLOPs count only those.
 """
 
 import json
@@ -28,6 +31,7 @@ from transformers import AutoModelForCausalLM
 from directalign.benchmarking import ParameterCounts, matmul_peak_flops, sampling_flops
 from directalign.generation import sample_completions
 from directalign.models import build_policy, pretrained_source, with_lora
+from directalign.prompt_cache import PromptCache, build_prompt_cache
 from directalign.prompts import Prompts
 from directalign.sampling import Sampling
 from directalign.stages.context import StageContext
@@ -47,9 +51,18 @@ def first_lora_layer(cfg: DictConfig, model) -> int | None:
     return first_trained_layer(with_lora(skeleton, cfg.stage.align.get("lora")))
 
 
-def ours(model, tokenizer, prompts: list[list[int]], sampling: Sampling, layer: int | None, seed: int):
-    """``sample_completions`` with the options the stage passes (log-probs, and the trunk's states)."""
-    options = sampling.options() | {"return_logps": True, "layer_inputs": layer}
+def ours(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    layer: int | None,
+    seed: int,
+    prompt_cache: PromptCache | None = None,
+):
+    """``sample_completions`` with the options the stage passes (log-probs, the trunk's states and the
+    reference's prompt cache)."""
+    options = sampling.options() | {"return_logps": True, "layer_inputs": layer, "prompt_cache": prompt_cache}
     return sample_completions(model, tokenizer, prompts, seed=seed, desc="ours", **options)[0]
 
 
@@ -101,9 +114,18 @@ def timed(sample, repeats: int) -> tuple[float, Any]:
     return best, result
 
 
-def measure(name: str, seconds: float, samples, prompts: Prompts, params: ParameterCounts, peak: float, eos):
+def measure(
+    name: str,
+    seconds: float,
+    samples,
+    prompts: Prompts,
+    params: ParameterCounts,
+    peak: float,
+    eos: int,
+    prompt_layer_share: float,
+):
     tokens = [len(c) for group in samples for c in group]
-    flops = sampling_flops(params, [len(p) for p in prompts.ids], samples)
+    flops = sampling_flops(params, [len(p) for p in prompts.ids], samples, prompt_layer_share)
     return {
         "sampler": name,
         "seconds": seconds,
@@ -153,25 +175,32 @@ def bench_shape(bench, cfg, ctx, stage: str, model, generator, params: Parameter
     sampling = Sampling.of(cfg, stage)
     layer = first_lora_layer(cfg, model) if records_trunk else None
     tokenizer = ctx.tokenizer
-    samplers = {"ours": partial(ours, model, tokenizer, sampling=sampling, layer=layer, seed=bench.seed)}
+    as_the_stage = partial(ours, model, tokenizer, sampling=sampling, layer=layer, seed=bench.seed)
+    samplers, layer_share = {"ours": as_the_stage}, {}
+    if layer:
+        cache = build_prompt_cache(model, prompts.ids, layer, tokenizer.pad_token_id, sampling.batch_size)
+        samplers["ours_prompt_cache"] = partial(as_the_stage, prompt_cache=cache)
+        layer_share["ours_prompt_cache"] = 1 - layer / model.config.num_hidden_layers
     if generator is not None:
         samplers["ctranslate2"] = partial(engine, generator, tokenizer, sampling=sampling, seed=bench.seed)
     results = {}
     for name, sample in samplers.items():
         sample(prompts.ids[: sampling.batch_size])
         seconds, samples = timed(partial(sample, prompts.ids), bench.repeats)
-        results[name] = r = measure(name, seconds, samples, prompts, params, peak, tokenizer.eos_token_id)
+        eos, share = tokenizer.eos_token_id, layer_share.get(name, 1.0)
+        results[name] = r = measure(name, seconds, samples, prompts, params, peak, eos, share)
         print(
             f"{stage} {name}: {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens in {seconds:.1f} s,"
             f" {r['mean_completion_tokens']:.1f} a completion, {r['ended_at_eos']:.0%} at eos),"
             f" mfu {r['mfu']:.2f}",
             flush=True,
         )
-    line = f"generate_mfu stage={stage} ours={results['ours']['mfu']:.2f}"
-    if "ctranslate2" in results:
-        ratio = results["ours"]["tokens_per_s"] / results["ctranslate2"]["tokens_per_s"]
-        line += f" engine={results['ctranslate2']['mfu']:.2f} ours/engine_tokens_per_s={ratio:.2f}"
-    print(line, flush=True)
+    for mine in [name for name in results if name.startswith("ours")]:
+        line = f"generate_mfu stage={stage} {mine}={results[mine]['mfu']:.2f}"
+        if "ctranslate2" in results:
+            ratio = results[mine]["tokens_per_s"] / results["ctranslate2"]["tokens_per_s"]
+            line += f" engine={results['ctranslate2']['mfu']:.2f} {mine}/engine_tokens_per_s={ratio:.2f}"
+        print(line, flush=True)
     return {
         "stage": stage,
         "prompts": len(prompts.ids),

@@ -126,6 +126,12 @@ def test_sampling_flops_by_hand():
     assert flops == 2 * 1000 * 13 + 2 * 300 * 10 == 32_000
     # An empty completion (none sampled) feeds nothing back and reads no logits.
     assert sampling_flops(params, [5], [[[]]]) == 2 * 1000 * 5
+    # From a prompt cache the prompts but their last tokens run a quarter of the layers: (4 + 1) x 1000 x 2
+    # / 4 = 2,500 for 10,000; their last tokens run all, as before.
+    cached = sampling_flops(
+        params, [5, 2], [[[7, 8, 9], [1]], [[4, 4, 4, 1], [6, 1]]], prompt_layer_share=0.25
+    )
+    assert cached == 32_000 - 10_000 + 2_500
 
 
 def test_pair_tokens_count_each_pair_as_pair_rows(grouped_batch, pair_batch):

@@ -12,6 +12,7 @@ from scipy.stats import chisquare
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 from directalign.generation import sample_completions
+from directalign.prompt_cache import build_prompt_cache
 from tests.conftest import tiny_llama
 
 EOS, PAD, VOCAB, NEW_TOKENS = 1, 0, 6, 2
@@ -82,6 +83,10 @@ def copies(num_samples: int) -> int:
 def sampled_counts(model, **options) -> list[np.ndarray]:
     """Counts of each of ``completions()`` among the samples of each prompt, from one call."""
     n = copies(options["num_samples"])
+    if "cache_layer" in options:  # sample from the model's own prompt cache, built at that layer
+        options = dict(options)
+        layer = options.pop("cache_layer")
+        options["prompt_cache"] = build_prompt_cache(model, PROMPTS, layer, PAD, batch_size=2)
     samples = sample_completions(
         model,
         TOKENIZER,
@@ -103,12 +108,20 @@ def sampled_counts(model, **options) -> list[np.ndarray]:
 
 
 # Each path the stages take: one sample a prompt (no shared prefill), K from one shared prefill, the
-# log-prob recorder among the processors, the trunk recorder (evaluation), temperature, and top-p.
+# log-prob recorder among the processors, the trunk recorder (evaluation), the prefill from the
+# reference's prompt cache (evaluation of a policy sharing its trunk), temperature, and top-p.
 PATHS = {
     "one_sample": {"num_samples": 1, "batch_size": 200},
     "shared_prefill": {"num_samples": 8, "batch_size": 50},
     "logps": {"num_samples": 8, "batch_size": 50, "return_logps": True},
     "layer_inputs": {"num_samples": 8, "batch_size": 50, "return_logps": True, "layer_inputs": 1},
+    "prompt_cache": {
+        "num_samples": 8,
+        "batch_size": 50,
+        "return_logps": True,
+        "layer_inputs": 1,
+        "cache_layer": 1,
+    },
     "temperature": {"num_samples": 8, "batch_size": 50, "return_logps": True, "temperature": 0.7},
     "top_p": {"num_samples": 8, "batch_size": 50, "return_logps": True, "temperature": 1.3, "top_p": 0.8},
 }

@@ -18,6 +18,13 @@ from transformers import (
 )
 
 from directalign.logprobs import batched_completion_logps, gather_token_logps
+from directalign.prompt_cache import (
+    PromptCache,
+    cached_completion_logps,
+    cached_prompt_prefill,
+    left_padded,
+    mask_positions,
+)
 from directalign.trunk import LayerInputs, shared_trunk_layer, top_layers_completion_logps
 
 
@@ -40,6 +47,7 @@ def sample_completions(
     return_logps: bool = False,
     synced_gpus: bool = False,
     layer_inputs: int | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> list[list[list[int]]] | tuple:
     """``num_samples`` completions per prompt, each cut after its first eos (kept, as in training).
 
@@ -52,12 +60,21 @@ def sample_completions(
     With ``layer_inputs`` (and ``return_logps``) it also returns, for each sample, the hidden states that
     entered that decoder layer at the prompt's tokens and the completion's but its last (``[p + c - 1,
     H]``, as recorded while sampling): what the layers above need to score the sample again.
+    With ``prompt_cache`` (``prompt_cache.py``: built by a model whose layers below its ``first_layer``
+    are this model's), each prompt's prefill runs only the layers from ``first_layer`` up.
     """
     if num_samples > 1 and not do_sample:
         raise ValueError(f"greedy decoding gives one completion per prompt, not num_samples={num_samples}")
     if layer_inputs is not None and (synced_gpus or not return_logps):
         raise ValueError(
             "layer_inputs needs return_logps and no synced_gpus (whose extra steps it would record)"
+        )
+    if prompt_cache is not None and not prompt_cache.covers(prompt_ids):
+        raise ValueError("prompt_cache holds no entry for some of the prompts to sample")
+    if prompt_cache is not None and layer_inputs is not None and layer_inputs < prompt_cache.first_layer:
+        raise ValueError(
+            f"layer_inputs={layer_inputs} lies in the trunk that prompt_cache skips (below layer"
+            f" {prompt_cache.first_layer})"
         )
     model.eval()
     device = next(model.parameters()).device
@@ -67,23 +84,25 @@ def sample_completions(
     logps: list[list[list[float]]] = [[] for _ in prompt_ids]
     states: list[list[torch.Tensor]] = [[] for _ in prompt_ids]
     generator_seed = torch.Generator().manual_seed(seed)
-    share_prefill = num_samples > 1
+    share_prefill = num_samples > 1 or prompt_cache is not None
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         rows = order[start : start + batch_size]
         # A shared prefill caches every column but the last, so it needs two: a batch of one-token prompts
         # gets a masked pad column rather than skipping that forward, which FSDP ranks must all run.
-        width = max([2 if share_prefill else 1] + [len(prompt_ids[i]) for i in rows])
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for j, i in enumerate(rows):
-            input_ids[j, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
-            attention_mask[j, width - len(prompt_ids[i]) :] = 1
+        batch_prompts = [prompt_ids[i] for i in rows]
+        input_ids, attention_mask = left_padded(batch_prompts, pad_id, min_width=2 if share_prefill else 1)
+        width = input_ids.shape[1]
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         recorder = LayerInputs(model, layer_inputs) if layer_inputs is not None else nullcontext()
         with recorder:
-            prompt_cache = (
-                shared_prompt_cache(model, input_ids, attention_mask, num_samples) if share_prefill else None
-            )
+            if prompt_cache is not None:
+                prefill = cached_prompt_prefill(
+                    model, prompt_cache, batch_prompts, attention_mask, num_samples
+                )
+            elif share_prefill:
+                prefill = shared_prompt_cache(model, input_ids, attention_mask, num_samples)
+            else:
+                prefill = None
             torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator_seed)))
             step_logps = SampledTokenLogps() if return_logps else None
             output = model.generate(
@@ -92,7 +111,7 @@ def sample_completions(
                 do_sample=do_sample,
                 input_ids=input_ids.repeat_interleave(num_samples, dim=0),
                 attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
-                cache=prompt_cache,
+                cache=prefill,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=eos_id,
@@ -188,7 +207,7 @@ def shared_prompt_cache(
     model(
         input_ids=input_ids[:, :-1],
         attention_mask=prefix_mask,
-        position_ids=(prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0),
+        position_ids=mask_positions(prefix_mask),
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
@@ -220,6 +239,7 @@ def sampled_logratios(
     num_samples: int,
     seed: int,
     batch_size: int,
+    prompt_cache: PromptCache | None = None,
     **sampling: Any,
 ) -> list[list[Draw]]:
     """``num_samples`` completions per prompt and ``log pi(y) - log pi_ref(y)`` summed over each: on the
@@ -227,8 +247,14 @@ def sampled_logratios(
 
     When the two models share a trunk (``trunk.shared_trunk_layer``: an aligned policy with LoRA on the
     top layers and its SFT model), the reference runs only its layers above it, on the hidden states
-    the policy computed there while sampling; otherwise a whole forward pass."""
+    the policy computed there while sampling; otherwise a whole forward pass. A ``prompt_cache`` built by
+    ``ref_model`` at that layer (``prompt_cache.py``) spares both models their passes over the prompts."""
     layer = None if ref_model is None else shared_trunk_layer(model, ref_model)
+    if prompt_cache is not None and prompt_cache.first_layer != layer:
+        raise ValueError(
+            f"prompt_cache was built at layer {prompt_cache.first_layer}, but the policy and its reference"
+            f" share their layers below {layer}"
+        )
     sampled = sample_completions(
         model,
         tokenizer,
@@ -238,6 +264,7 @@ def sampled_logratios(
         seed=seed,
         return_logps=True,
         layer_inputs=layer,
+        prompt_cache=prompt_cache,
         **sampling,
     )
     samples, sample_logps = sampled[:2]
@@ -248,6 +275,9 @@ def sampled_logratios(
     pad_id = tokenizer.pad_token_id
     if layer is None:
         ref_logps = batched_completion_logps(ref_model, flat_prompts, flat, pad_id, batch_size)
+    elif prompt_cache is not None:
+        states = [s for group in sampled[2] for s in group]
+        ref_logps = cached_completion_logps(ref_model, prompt_cache, flat_prompts, flat, states, batch_size)
     else:
         states = [s for group in sampled[2] for s in group]
         ref_logps = top_layers_completion_logps(

@@ -172,14 +172,22 @@ def forward_flops(params: ParameterCounts, positions: int, head_positions: int) 
     return 2 * params.non_embedding * positions + 2 * params.head * head_positions
 
 
-def sampling_flops(params: ParameterCounts, prompt_lengths: list[int], completions: list[list[int]]) -> int:
+def sampling_flops(
+    params: ParameterCounts,
+    prompt_lengths: list[int],
+    completions: list[list[int]],
+    prompt_layer_share: float = 1.0,
+) -> int:
     """The useful FLOPs of sampling ``completions`` (each prompt's, in order) by the align step's model:
     every prompt token once through the layers (a prompt prefilled once, however many samples share it),
     every sampled token but the last through the layers, and every sampled token's logits through the
-    LM head. Padding, rows that already ended and repeated prefills are work it does not credit."""
+    LM head. Padding, rows that already ended and repeated prefills are work it does not credit. From a
+    prompt cache (``prompt_cache.py``) a prompt's tokens but its last run only the top layers,
+    ``prompt_layer_share`` of the layers' FLOPs; its last token runs them all."""
     tokens = [len(c) for group in completions for c in group]
-    positions = sum(prompt_lengths) + sum(max(n - 1, 0) for n in tokens)
-    return forward_flops(params, positions, head_positions=sum(tokens))
+    fed_back = len(prompt_lengths) + sum(max(n - 1, 0) for n in tokens)
+    cached = round(2 * params.non_embedding * sum(n - 1 for n in prompt_lengths) * prompt_layer_share)
+    return cached + forward_flops(params, fed_back, head_positions=sum(tokens))
 
 
 def training_flops(params: ParameterCounts, positions: int, head_positions: int) -> int:

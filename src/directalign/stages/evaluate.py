@@ -2,23 +2,53 @@
 KL(policy || SFT), each with its standard error over prompts. The SFT baseline also draws the pool that
 best-of-n is picked from, and every policy may add a greedy table on a few prompts."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import PreTrainedModel
 
 from directalign.artifacts import Evaluation
-from directalign.distributed import is_rank_zero, map_sharded, rank_seed, world
+from directalign.distributed import is_rank_zero, map_sharded, rank_seed, shard, world
 from directalign.errors import DataError
 from directalign.estimates import sample_metrics
 from directalign.generation import Draw, release_accelerator_memory, sampled_logratios
+from directalign.prompt_cache import PromptCache, build_prompt_cache
 from directalign.prompts import Prompts
 from directalign.sampling import Sampling
 from directalign.scoring import finite_mask
 from directalign.stages.base import Stage
 from directalign.stages.context import StageContext
-from directalign.store import Ranks
+from directalign.store import Artifact, Ranks
+from directalign.trunk import shared_trunk_layer
+
+# The reference's prompt cache of the last evaluation in this process, under the reference's artifact
+# (its folder and manifest: a store rebuilt in the same place is another artifact), the layer and the
+# prompts. A sweep evaluates its policies one after another on the same prompts, each against the same
+# SFT model, so each evaluation after the first skips both models' passes over the prompts. Only an
+# exact match is reused: a cache is the same tensors whether built now or earlier, so a policy's samples
+# never depend on what the process evaluated before it.
+_LAST_PROMPT_CACHE: dict[tuple, PromptCache] = {}
+
+
+def reference_prompt_cache(
+    artifact: Artifact,
+    reference: PreTrainedModel,
+    layer: int,
+    prompt_ids: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+) -> PromptCache:
+    """The ``PromptCache`` of ``prompt_ids`` at ``layer`` of ``reference`` (``artifact``, loaded): the last
+    one built if it is of the same model, layer and prompts, else a new one in its place."""
+    model_key = (str(artifact.path), json.dumps(artifact.manifest, sort_keys=True, default=str))
+    key = (*model_key, layer, tuple(map(tuple, prompt_ids)), batch_size)
+    if key not in _LAST_PROMPT_CACHE:
+        _LAST_PROMPT_CACHE.clear()
+        _LAST_PROMPT_CACHE[key] = build_prompt_cache(reference, prompt_ids, layer, pad_id, batch_size)
+    return _LAST_PROMPT_CACHE[key]
 
 
 def scored_records(
@@ -66,14 +96,28 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     ref_model = None if is_baseline else sft.load(ctx.device)
     sampling = Sampling.of(cfg, "evaluate")
     n_samples = sampling.num_samples
+    # A policy trained on the top layers shares its reference's trunk: the reference's prompt cache of
+    # this rank's prompts (prompt_cache.py) serves it and every policy evaluated after it on them.
+    layer = None if ref_model is None else shared_trunk_layer(model, ref_model)
+    prompt_cache = None
+    if layer is not None and stage_cfg.prompt_cache:
+        own = [prompts.ids[i] for i in shard(len(prompts.ids), *world())]
+        pad_id = ctx.tokenizer.pad_token_id
+        prompt_cache = reference_prompt_cache(sft, ref_model, layer, own, pad_id, sampling.batch_size)
 
     def draw(draw_seed: int, prompt_ids: list[list[int]], options: dict[str, Any]) -> list[list[Draw]]:
         """Draws with ``options`` (``Sampling.options()`` or ``greedy()``), each rank drawing its share of
         the prompts."""
 
-        def shard_draws(shard: list[list[int]]) -> list[list[Draw]]:
+        def shard_draws(own: list[list[int]]) -> list[list[Draw]]:
             return sampled_logratios(
-                model, ref_model, ctx.tokenizer, shard, seed=rank_seed(draw_seed), **options
+                model,
+                ref_model,
+                ctx.tokenizer,
+                own,
+                seed=rank_seed(draw_seed),
+                prompt_cache=prompt_cache,
+                **options,
             )
 
         return map_sharded(prompt_ids, shard_draws)
