@@ -189,7 +189,7 @@ def test_make_headlines_trains_every_curve_its_claims_read_with_two_seeds(tmp_pa
     for overrides in make_jobs("FRONTIER_RUN", "headlines"):
         cfg = compose_config(overrides, tmp_path)
         curves.setdefault(cfg.method.name, set()).add(cfg.method.beta)
-        assert len(cfg.method.seeds) >= 2 and not cfg.compare and cfg.stage.evaluate.max_prompts == 256
+        assert len(cfg.method.seeds) >= 2 and not cfg.compare and cfg.stage.evaluate.max_prompts == 192
     report = OmegaConf.load(ROOT / "conf" / "frontier_report.yaml")
     assert {name for claim in report.claims for name in claim.contrast} <= set(curves)
     assert all(len(betas) >= 2 for betas in curves.values()) and len(report.matched_kl) >= 2
