@@ -158,8 +158,9 @@ def test_lora_step_flops_by_hand(grouped_batch):
     assert counts == LoraCounts(
         ParameterCounts(non_embedding=9312, head=2048), adapters=448, constant_input=2304
     )
-    flops = (4 * 9312 + 6 * 448 - 2 * 2304) * 20 + 4 * 2048 * 12
-    assert lora_step_flops(shape, 2, counts) == flops == 4 * 9312 * 20 + 98_304 + 53_760 - 92_160 == 804_864
+    # The head reads only real completion tokens (of 2, 1, 3, 2 and 1): K = 2 prompts + (9 - 5 rows) = 6.
+    flops = (4 * 9312 + 6 * 448 - 2 * 2304) * 20 + 4 * 2048 * 6
+    assert lora_step_flops(shape, 2, counts) == flops == 4 * 9312 * 20 + 49_152 + 53_760 - 92_160 == 755_712
 
 
 @pytest.mark.parametrize(
@@ -181,6 +182,7 @@ def test_lora_flop_model_counts_the_matmuls_the_trunk_step_runs(grouped_batch, t
             width,
             grouped_batch["prompt_index"],
             states,
+            grouped_batch["completion_mask"],
         ).sum().backward()
     counted = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
     counts = LoraCounts.of(model, first_layer=1)

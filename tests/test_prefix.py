@@ -124,3 +124,16 @@ def test_one_token_completions_need_only_the_prompt_pass():
     assert torch.allclose(
         shared_prompt_completion_logps(model, *args), completion_logps(model, *args), atol=1e-5
     )
+
+
+@torch.no_grad()
+def test_completion_mask_runs_the_head_on_real_tokens_only():
+    """With the completion mask, real tokens keep their log-probs exactly and padding reads 0."""
+    model, batch = tied_llama(), pair_batch()
+    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"].shape[1])
+    real = batch["completion_mask"].bool()
+    assert not real.all()  # the batch has right padding
+    every_position = shared_prompt_completion_logps(model, *args)
+    real_only = shared_prompt_completion_logps(model, *args, completion_mask=batch["completion_mask"])
+    assert torch.equal(real_only[real], every_position[real])
+    assert torch.equal(real_only[~real], torch.zeros(int((~real).sum())))

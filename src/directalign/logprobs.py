@@ -9,6 +9,11 @@ import torch
 from transformers import PreTrainedModel
 
 
+def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers causal LM inside a peft wrapper (its layers carry the adapters), or the model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def collate_prompt_completion(
     prompts: list[list[int]], completions: list[list[int]], pad_id: int
 ) -> dict[str, torch.Tensor]:

@@ -10,12 +10,17 @@ prompt runs ~136 positions for its 6 pairs, against ~588 for the same pairs as s
 ~960 unshared. Gradients reach the prompt's computation through the
 cached keys and values, so the loss and its gradients are those of the plain path
 (``tests/test_prefix.py``).
+
+Given the completion mask (the align step on the frozen trunk passes it), the LM head and its log-softmax run only on the completion positions that
+hold a token, not on the right padding of the shorter completions: the head is as large as eight of
+SmolLM2's decoder layers, and at a 48-token budget about a third of a batch's completion columns are
+padding. The log-probs of the real tokens are the same; padding positions get 0.
 """
 
 import torch
 from transformers import PreTrainedModel
 
-from directalign.logprobs import gather_token_logps
+from directalign.logprobs import causal_lm, gather_token_logps
 
 
 def first_rows(prompt_index: torch.Tensor) -> torch.Tensor:
@@ -32,6 +37,7 @@ def shared_prompt_completion_logps(
     completion_width: int,
     prompt_index: torch.Tensor | None = None,
     input_states: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs ``[R, C]`` of the completions of a batch, as ``completion_logps``.
 
@@ -40,8 +46,9 @@ def shared_prompt_completion_logps(
     completion tokens but the last are fed on top of the prompt's cache and predict the rest, so the
     last completion token is never an input. ``input_states`` (``[R, P + C, H]``, laid out as
     ``input_ids``) replace the token ids as the model's inputs (``inputs_embeds``): the frozen trunk's
-    hidden states for a model that runs only the top layers (``trunk.py``). Raises ``ValueError`` if
-    rows said to share a prompt do not hold the same one.
+    hidden states for a model that runs only the top layers (``trunk.py``). With ``completion_mask``
+    (``[R, C]``, 1 on real tokens) the head runs on the real tokens alone and padding gets 0. Raises
+    ``ValueError`` if rows said to share a prompt do not hold the same one.
     """
     rows, prompt_width = input_ids.shape[0], input_ids.shape[1] - completion_width
     if prompt_index is None:
@@ -74,15 +81,33 @@ def shared_prompt_completion_logps(
     )
     logits = prompt_out.logits[prompt_index]
     completion_ids = input_ids[:, prompt_width:]
-    if completion_width > 1:
-        cache = prompt_out.cache
-        cache.reorder_cache(prompt_index)
-        completion_logits = model(
-            **inputs(slice(None), slice(prompt_width, -1)),
-            attention_mask=attention_mask[:, :-1],
-            position_ids=positions[:, prompt_width:-1],
-            cache=cache,
-            use_cache=True,
-        ).logits
-        logits = torch.cat([logits, completion_logits], dim=1)
-    return gather_token_logps(logits, completion_ids)
+    if completion_width == 1:
+        return gather_token_logps(logits, completion_ids)
+    cache = prompt_out.cache
+    cache.reorder_cache(prompt_index)
+    completion_inputs = {
+        **inputs(slice(None), slice(prompt_width, -1)),
+        "attention_mask": attention_mask[:, :-1],
+        "position_ids": positions[:, prompt_width:-1],
+        "cache": cache,
+        "use_cache": True,
+    }
+    if completion_mask is None:
+        logits = torch.cat([logits, model(**completion_inputs).logits], dim=1)
+        return gather_token_logps(logits, completion_ids)
+    first = gather_token_logps(logits, completion_ids[:, :1])
+    states, head = final_states(model, completion_inputs)
+    kept = completion_mask[:, 1:].bool()
+    rest = states.new_zeros(kept.shape).masked_scatter(
+        kept, gather_token_logps(head(states[kept]), completion_ids[:, 1:][kept])
+    )
+    return torch.cat([first, rest], dim=1)
+
+
+def final_states(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The normed states the LM head reads (``[R, T, H]``) and the head: of a ``TopLayers`` view (its
+    ``final_states``), or of the causal LM's decoder."""
+    if hasattr(model, "final_states"):
+        return model.final_states(**inputs), model.head
+    lm = causal_lm(model)
+    return lm.model(**inputs).last_hidden_state, lm.get_output_embeddings()

@@ -16,13 +16,8 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from directalign.logprobs import collate_prompt_completion, gather_token_logps
+from directalign.logprobs import causal_lm, collate_prompt_completion, gather_token_logps
 from directalign.prefix import first_rows
-
-
-def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers causal LM inside a peft wrapper (its layers carry the adapters), or the model."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def first_trained_layer(model: torch.nn.Module) -> int | None:
@@ -92,14 +87,35 @@ class TopLayers:
         use_cache: bool = False,
         logits_to_keep: int = 0,
     ) -> CausalLMOutputWithPast:
+        hidden, cache = self.top_states(inputs_embeds, attention_mask, position_ids, cache, use_cache)
+        # The norm acts on each position alone: normalising only the positions kept is the same.
+        lm = causal_lm(self.model)
+        logits = lm.lm_head(lm.model.norm(hidden[:, -logits_to_keep:]))
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
+
+    def top_states(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache | None,
+        use_cache: bool,
+    ) -> tuple[torch.Tensor, Cache | None]:
+        """The last layer's output (before the norm) and the cache, a new one if ``use_cache`` asks."""
         lm = causal_lm(self.model)
         if use_cache and cache is None:
             cache = DynamicCache(config=lm.config)
         layers = range(self.first_layer, lm.config.num_hidden_layers)
-        hidden = run_layers(self.model, layers, inputs_embeds, attention_mask, position_ids, cache)
-        # The norm acts on each position alone: normalising only the positions kept is the same.
-        logits = lm.lm_head(lm.model.norm(hidden[:, -logits_to_keep:]))
-        return CausalLMOutputWithPast(logits=logits, cache=cache)
+        return run_layers(self.model, layers, inputs_embeds, attention_mask, position_ids, cache), cache
+
+    def final_states(self, **inputs) -> torch.Tensor:
+        """The normed states the LM head reads, at every position (``prefix.final_states``)."""
+        hidden, _ = self.top_states(**inputs)
+        return causal_lm(self.model).model.norm(hidden)
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return causal_lm(self.model).lm_head
 
 
 @torch.no_grad()

@@ -257,14 +257,18 @@ class LoraCounts:
 
 def lora_step_flops(shape: BatchShape, prompts: int, counts: LoraCounts) -> int:
     """FLOPs of one align step on a prompt-grouped batch of ``prompts`` prompts over the trunk's states:
-    ``4 N T + 4 H K + 6 A T - 2 Q T`` over the positions of ``grouped_step_positions``.
+    ``4 N T + 4 H K + 6 A T - 2 Q T`` over the positions ``T`` of ``grouped_step_positions``, the head's
+    ``K`` only at real completion tokens.
 
     A frozen weight runs forward (2 a position) and passes the gradient to its input (2), but computes
     no gradient of its own; an adapter also computes its own (6). A weight whose input is the trunk's
     constant states passes no gradient back (``- 2 Q T``). The layers below ``first_layer`` and the
     embedding do not run at all.
     """
-    positions, head_positions = grouped_step_positions(shape, prompts)
+    positions, _ = grouped_step_positions(shape, prompts)
+    # The trunk step's head reads only the real completion tokens (``prefix.py``): one logit a prompt,
+    # then every completion token but each row's first.
+    head_positions = prompts + shape.completion_tokens - shape.rows
     top = counts.top
     weights = 4 * top.non_embedding + 6 * counts.adapters - 2 * counts.constant_input
     return weights * positions + 4 * top.head * head_positions

@@ -68,12 +68,15 @@ class AlignModule(TrainModule):
         lm.disable_input_require_grads()
 
     def policy_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-token log-probs ``[R, C]`` of every row's completion under the policy."""
-        rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"].shape[1])
+        """Per-token log-probs ``[R, C]`` of every row's completion under the policy. On the frozen trunk
+        the LM head reads only the real completion tokens (padding reads 0); the whole model's shared
+        path keeps every position, as FSDP's hooks run on the model's own forward, not its decoder's."""
+        mask = batch["completion_mask"]
+        rows = (batch["input_ids"], batch["attention_mask"], mask.shape[1])
         if self.first_layer is not None:
             top_layers = TopLayers(self.model, self.first_layer)
             return shared_prompt_completion_logps(
-                top_layers, *rows, batch["prompt_index"], batch["input_states"]
+                top_layers, *rows, batch["prompt_index"], batch["input_states"], mask
             )
         if self.share_prompt:
             return shared_prompt_completion_logps(self.model, *rows, batch["prompt_index"])
