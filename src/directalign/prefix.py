@@ -11,10 +11,11 @@ prompt runs ~136 positions for its 6 pairs, against ~588 for the same pairs as s
 cached keys and values, so the loss and its gradients are those of the plain path
 (``tests/test_prefix.py``).
 
-Given the completion mask (the align step on the frozen trunk passes it), the LM head and its log-softmax run only on the completion positions that
-hold a token, not on the right padding of the shorter completions: the head is as large as eight of
-SmolLM2's decoder layers, and at a 48-token budget about a third of a batch's completion columns are
-padding. The log-probs of the real tokens are the same; padding positions get 0.
+Given the completion mask (the align step on the frozen trunk passes it), the LM head and its
+log-softmax run only on the completion positions that hold a token, not on the right padding of the
+shorter completions: the head is as large as eight of SmolLM2's decoder layers, and at a 48-token
+budget about a third of a batch's completion columns are padding. The log-probs of the real tokens
+are the same; padding positions get 0.
 """
 
 import torch
