@@ -6,17 +6,23 @@ or SLURM starts them): the store keeps the ranks in step, and only rank 0 writes
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from directalign.artifacts import AlignedPolicy, OffPolicyData
 from directalign.distributed import is_rank_zero
+from directalign.errors import ConfigError
 from directalign.report import PolicyResult, log_wandb, write_report
-from directalign.stages import ALIGN, ALIGN_ON_TRUNK, EVALUATE, GENERATE, REWARD, SFT
+from directalign.stages import EVALUATE, GENERATE, GENERATE_ROUND, REWARD, SFT
+from directalign.stages.align import align_stage
 from directalign.stages.context import StageContext
+from directalign.stages.replay import REPLAY
 from directalign.stages.trunk import frozen_trunk
-from directalign.store import Store
+from directalign.store import Artifact, Store
 from directalign.tasks import build_task
+from directalign.tasks.base import Task
 from directalign.training import share_sweep_dir_with_ranks, wandb_run_args
 from directalign.validation import check_task_data, validate_config
 
@@ -29,6 +35,55 @@ def methods_to_align(cfg: DictConfig) -> dict[str, DictConfig]:
     return dict(cfg.compare.items()) if cfg.compare else {cfg.method.name: cfg.method}
 
 
+def prompts_per_round(cfg: DictConfig, task: Task) -> int:
+    """Each round's share of the off-policy prompts (``stage.generate.max_prompts``, or the whole split)."""
+    available, limit = len(task.examples("offpolicy")), cfg.stage.generate.max_prompts
+    total = available if limit is None else min(limit, available)
+    if total < cfg.pipeline.rounds:
+        raise ConfigError(
+            f"pipeline.rounds={cfg.pipeline.rounds} needs at least one off-policy prompt a round, and"
+            f" there are {total}"
+        )
+    return total // cfg.pipeline.rounds
+
+
+def round_context(ctx: StageContext, index: int, per_round: int) -> StageContext:
+    """``ctx`` for round ``index`` of several: its generate stage draws ``per_round`` prompts, from
+    ``(index - 1) x per_round`` on; a later round's config names the round (``round``: its index and
+    offset), which its dataset's store key holds."""
+    cfg = ctx.cfg.copy()
+    with open_dict(cfg):
+        cfg.stage.generate.max_prompts = per_round
+        if index > 1:
+            cfg.round = {"index": index, "prompt_offset": (index - 1) * per_round}
+    return replace(ctx, cfg=cfg)
+
+
+def later_rounds(
+    ctx: StageContext,
+    upstream: dict[str, Artifact],
+    name: str,
+    policy: AlignedPolicy,
+    offpolicy: OffPolicyData,
+) -> list[tuple[str, AlignedPolicy]]:
+    """Round 1's ``policy`` of one method and seed (``ctx``, round 1's; trained on ``offpolicy``) and
+    those of rounds 2 .. ``pipeline.rounds``, each trained on samples of the one before it (and, with
+    ``stage.align.replay``, on every earlier round's) and continuing it. Every round but the last is named
+    ``<name>_round<r>``; the last keeps ``name``."""
+    rounds, replay = ctx.cfg.pipeline.rounds, ctx.cfg.stage.align.replay
+    per_round = ctx.cfg.stage.generate.max_prompts
+    policies, training = [policy], offpolicy
+    for index in range(2, rounds + 1):
+        round_ctx = round_context(ctx, index, per_round)
+        latest = GENERATE_ROUND.run(round_ctx, upstream | {"policy": policies[-1]})
+        training = REPLAY.run(round_ctx, {"earlier": training, "latest": latest}) if replay else latest
+        inputs = upstream | {"offpolicy": training, "init": policies[-1]}
+        inputs |= frozen_trunk(round_ctx, upstream["sft"], training)
+        policies.append(align_stage("trunk" in inputs, True).run(round_ctx, inputs))
+    names = [f"{name}_round{index}" for index in range(1, rounds)] + [name]
+    return list(zip(names, policies, strict=True))
+
+
 def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[dict] | None:
     """All stages up to the last one named in ``cfg.pipeline.stages``; returns the summary rows
     (on rank 0: the other ranks only take part in training and sampling). ``overrides`` are the
@@ -38,6 +93,8 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[dict] |
     store = Store(cfg.paths.store)
     task = build_task(cfg.task, store.root / "tasks" / cfg.task.name)
     check_task_data(task)  # every split, once, before any compute (and even when every stage is reused)
+    rounds = cfg.pipeline.rounds
+    per_round = prompts_per_round(cfg, task) if rounds > 1 else None  # refused here, before any stage
     ctx = StageContext(cfg, store, task)
     _ = ctx.tokenizer  # loaded once here, so a prompt format it cannot render is refused before any stage
     stages = cfg.pipeline.stages
@@ -48,18 +105,19 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[dict] |
     reward = REWARD.run(ctx, {"sft": sft})
     if "generate" not in stages:
         return None
-    offpolicy = GENERATE.run(ctx, {"sft": sft, "reward": reward})
+    first = round_context(ctx, 1, per_round) if per_round else ctx
+    offpolicy = GENERATE.run(first, {"sft": sft, "reward": reward})
     if "align" not in stages:
         return None
     upstream = {"sft": sft, "reward": reward}
     # Where the policy trains only its top layers, every method starts from the same frozen trunk.
-    align_inputs = upstream | {"offpolicy": offpolicy} | frozen_trunk(ctx, sft, offpolicy)
-    align = ALIGN_ON_TRUNK if "trunk" in align_inputs else ALIGN
-    aligned = [
-        (name, align.run(ctx.for_method(name, method, seed), align_inputs))
-        for name, method in methods_to_align(cfg).items()
-        for seed in method.seeds
-    ]
+    align_inputs = upstream | {"offpolicy": offpolicy} | frozen_trunk(first, sft, offpolicy)
+    aligned = []
+    for name, method in methods_to_align(cfg).items():
+        for seed in method.seeds:
+            method_ctx = first.for_method(name, method, seed)
+            policy = align_stage("trunk" in align_inputs, False).run(method_ctx, align_inputs)
+            aligned.extend(later_rounds(method_ctx, upstream, name, policy, offpolicy))
     if "evaluate" not in stages:
         return None
     results = [PolicyResult.of("sft", EVALUATE.run(ctx, upstream | {"policy": sft}).record())]

@@ -26,6 +26,7 @@ STAGE_ORDER = ("sft", "reward", "generate", "align", "evaluate")
 TRAINING_STAGES = ("sft", "reward", "align")
 GENERATION_BACKENDS = ("hf", "vllm")
 REWARD_SOURCES = ("proxy", "gold")
+REFERENCES = ("sft", "previous")
 # Chat template, system prompt and instruction around the source: a generous bound, checked exactly
 # per prompt once the tokenizer has built them (check_prompt_lengths).
 TEMPLATE_TOKENS = 64
@@ -71,6 +72,8 @@ def _check_method(where: str, method: DictConfig) -> None:
     for setting in LOSSES[method.loss].settings:
         _finite(f"{where}.{setting}", method.get(setting))
     _in_range(f"{where}.length_power", method.length_power, 0.0, 1.0)
+    if method.get("reference", "sft") not in REFERENCES:
+        raise ConfigError(f"{where}.reference={method.reference!r} is not one of {', '.join(REFERENCES)}")
     seeds = method.seeds
     if not OmegaConf.is_list(seeds) or not seeds or len(set(seeds)) < len(seeds):
         raise ConfigError(f"{where}.seeds={seeds} must be a non-empty list of distinct training seeds")
@@ -244,6 +247,24 @@ def _check_stages(cfg: DictConfig) -> None:
     _count("stage.align.curve_prompts", stage.align.curve_prompts, minimum=0)
     _count("stage.align.prompts_per_batch", stage.align.prompts_per_batch)
     _count("stage.evaluate.prompt_offset", stage.evaluate.prompt_offset, minimum=0)
+    if not isinstance(stage.align.replay, bool):
+        raise ConfigError(f"stage.align.replay={stage.align.replay!r} must be true or false")
+
+
+def _check_rounds(cfg: DictConfig) -> None:
+    """Replay trains on earlier rounds' samples as stored: their reference must be the one reference."""
+    _count("pipeline.rounds", cfg.pipeline.rounds)
+    if not cfg.stage.align.replay:
+        return
+    methods = cfg.compare.items() if cfg.compare else [("method", cfg.method)]
+    for name, method in methods:
+        reference = method.get("reference", "sft")
+        if reference != "sft":
+            where = f"compare.{name}" if cfg.compare else name
+            raise ConfigError(
+                f"stage.align.replay=true needs {where}.reference=sft, not {reference!r}: an earlier"
+                " round's samples store the log-probs of that round's own reference"
+            )
 
 
 def _check_all_finite(where: str, node: Any) -> None:
@@ -293,6 +314,7 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     _check_sampling(cfg)
     _check_lengths(cfg)
     _check_stages(cfg)
+    _check_rounds(cfg)
     _check_sources(cfg)
     _check_custom_task(cfg)
     _check_all_finite("", OmegaConf.to_container(cfg, resolve=False))

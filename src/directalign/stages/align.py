@@ -77,8 +77,11 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
         else []
     )
 
+    # A later round continues the previous round's policy (saved merged): fresh adapters on its weights.
+    start = inputs.get("init", sft)
+
     def build():
-        return with_lora(sft.load(), stage_cfg.lora)
+        return with_lora(start.load(), stage_cfg.lora)
 
     tags = {"stage": "align", "method": method.name, "beta": method.beta, "length_power": method.length_power}
     trainer, model = fit_stage(
@@ -110,9 +113,12 @@ ALIGN = Stage(
     # The reward curve samples with the evaluation's batch size.
     key=("method", "stage.align", "stage.evaluate.sampling.batch_size", "seed", "trainer.precision"),
     # A method's name is a label; share_prompt and activation_checkpointing give the same loss and
-    # gradients (test_prefix.py, test_checkpointing.py).
+    # gradients (test_prefix.py, test_checkpointing.py); the reference a later round's dataset stores is
+    # in that dataset's key (round 1's is SFT whatever it says), and replay in the replayed dataset's.
     excluded=(
         "method.name",
+        "method.reference",
+        "stage.align.replay",
         "stage.align.share_prompt",
         "stage.align.activation_checkpointing",
         "stage.align.checkpoint_every_n_steps",
@@ -126,3 +132,10 @@ ALIGN = Stage(
 # Where the frozen-trunk cache applies: the same stage on the trunk's states (same loss and gradients,
 # tests/test_trunk.py); the trunk is an input, so it is part of the store key.
 ALIGN_ON_TRUNK = replace(ALIGN, inputs=(*ALIGN.inputs, "trunk"))
+
+
+def align_stage(on_trunk: bool, continued: bool) -> Stage:
+    """The align stage with the trunk's states as an input or not, and with ``init`` (the policy a later
+    round continues) or not."""
+    stage = ALIGN_ON_TRUNK if on_trunk else ALIGN
+    return replace(stage, inputs=(*stage.inputs, "init")) if continued else stage

@@ -2,7 +2,10 @@
 
 K completions per prompt sampled from the SFT policy, scored by the calibrated reward model (and the
 gold judge), with the SFT (reference) log-prob of every completion token stored once, so alignment never
-runs a reference model. ``reward_source=gold`` trains on the labeller's own logits instead (an oracle
+runs a reference model. Under ``pipeline.rounds`` > 1 each later round draws its own slice of the
+off-policy prompts from the previous round's policy (``GENERATE_ROUND``); the stored reference is the
+SFT model's log-probs of those samples (``method.reference=sft``) or the sampling policy's own
+(``previous``). ``reward_source=gold`` trains on the labeller's own logits instead (an oracle
 arm, with the labeller's length bias where the task sets one). Empty completions and non-finite rewards
 are dropped and counted; a prompt needs two completions left to form a pair.
 """
@@ -17,6 +20,7 @@ from directalign.artifacts import OffPolicyData, PolicyArtifact, RewardArtifact
 from directalign.distributed import is_rank_zero, map_sharded, rank_seed, world
 from directalign.errors import DataError
 from directalign.generation import release_accelerator_memory, sample_completions
+from directalign.logprobs import batched_completion_logps
 from directalign.offpolicy_stats import dataset_statistics
 from directalign.preferences import labeller_scores
 from directalign.sampling import Sampling
@@ -32,13 +36,18 @@ Sampler = Callable[[list[list[int]]], tuple[list, list]]
 Group = tuple[list[list[int]], list[list[float]]]  # one prompt's completions and their log-probs
 
 
-def sampler(ctx: StageContext, sft: PolicyArtifact, seed: int) -> Sampler:
-    """The configured backend over the SFT policy, drawing ``stage.generate.sampling``."""
+# Round r's sampling seed is the stage's seed plus (r - 1) x this, so round 1 keeps the stage's own.
+ROUND_SEED_STRIDE = 1000
+
+
+def sampler(ctx: StageContext, policy: PolicyArtifact, seed: int) -> Sampler:
+    """The configured backend over ``policy`` (SFT, or a later round's policy), drawing
+    ``stage.generate.sampling``."""
     sampling = Sampling.of(ctx.cfg, "generate")
     if ctx.cfg.stage.generate.backend == "vllm":
         from directalign.generation_vllm import VllmSampler  # vLLM is imported only when chosen
 
-        engine = VllmSampler(sft.model_dir, ctx.tokenizer.eos_token_id, seed)
+        engine = VllmSampler(policy.model_dir, ctx.tokenizer.eos_token_id, seed)
         return lambda prompts: engine(
             prompts,
             num_samples=sampling.num_samples,
@@ -46,11 +55,11 @@ def sampler(ctx: StageContext, sft: PolicyArtifact, seed: int) -> Sampler:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
         )
-    policy = sft.load(ctx.device)
+    model = policy.load(ctx.device)
 
     def sample(prompts: list[list[int]]) -> tuple[list, list]:
         return sample_completions(
-            policy,
+            model,
             ctx.tokenizer,
             prompts,
             seed=rank_seed(seed),
@@ -115,7 +124,7 @@ def scored_rows(
                 "prompt_ids": prompts.ids[index],
                 "completion_ids": [completions[k] for k in picks],
                 "completion_text": [texts[index][k] for k in picks],
-                # The SFT policy sampled these completions: its sampling logits are the reference.
+                # The reference's per-token log-probs (the sampling policy's own where it is the reference).
                 "ref_logps": [logps[k] for k in picks],
                 "reward": rewards[positions].tolist(),
                 "proxy": proxy[positions].tolist(),
@@ -132,11 +141,37 @@ def scored_rows(
     return rows, counts
 
 
+def sft_reference(
+    ctx: StageContext, sft: PolicyArtifact, prompts: Prompts, groups: list[Group]
+) -> list[Group]:
+    """``groups`` with their log-probs replaced by the SFT model's per-token log-probs of the same
+    completions: the reference of a later round's samples when ``method.reference`` is sft."""
+    flat = [
+        (index, completion) for index, (completions, _) in enumerate(groups) for completion in completions
+    ]
+    logps = batched_completion_logps(
+        sft.load(ctx.device),
+        [prompts.ids[index] for index, _ in flat],
+        [completion for _, completion in flat],
+        ctx.tokenizer.pad_token_id,
+        ctx.cfg.stage.generate.sampling.batch_size,
+    )
+    rescored: list[Group] = [([], []) for _ in groups]
+    for (index, completion), completion_logps in zip(flat, logps, strict=True):
+        rescored[index][0].append(completion)
+        rescored[index][1].append(completion_logps)
+    return rescored
+
+
 def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
+    """Round 1 samples the SFT policy; a later round (``inputs["policy"]``, ``ctx.cfg.round``) the
+    previous round's policy, on its own slice of the prompts."""
     stage_cfg, sft, reward = ctx.cfg.stage.generate, inputs["sft"], inputs["reward"]
-    seed = ctx.seed(2)
-    prompts = ctx.prompts("offpolicy", stage_cfg.max_prompts, sft.context_length)
-    sample = sampler(ctx, sft, seed)
+    policy, round_cfg = inputs.get("policy", sft), ctx.cfg.get("round")
+    seed = ctx.seed(2 + ROUND_SEED_STRIDE * (round_cfg.index - 1 if round_cfg else 0))
+    offset = round_cfg.prompt_offset if round_cfg else 0
+    prompts = ctx.prompts("offpolicy", stage_cfg.max_prompts, sft.context_length, offset)
+    sample = sampler(ctx, policy, seed)
     start = time.perf_counter()
     groups = map_sharded(prompts.ids, partial(sample_groups, sample))
     seconds = time.perf_counter() - start
@@ -144,6 +179,8 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     release_accelerator_memory()
     if not is_rank_zero():
         return {}  # rank 0 scores and writes the dataset
+    if policy is not sft and ctx.cfg.method.reference == "sft":
+        groups = sft_reference(ctx, sft, prompts, groups)
     n_generated = sum(len(c) for completions, _ in groups for c in completions)
     log.info(
         "sampled %d tokens in %.1f s: %.1f tokens/s (%s backend, %d rank(s))",
@@ -170,6 +207,17 @@ GENERATE = Stage(
     name="generate",
     inputs=("sft", "reward"),
     key=("task", "stage.generate", "seed"),
+    output=OffPolicyData,
+    ranks=Ranks.SHARDED,
+    compute=compute,
+)
+
+# A later round's dataset: sampled by the previous round's policy (an input, so its whole history is in
+# the key), on the prompts of ``round`` (its index and offset), with ``method.reference``'s log-probs.
+GENERATE_ROUND = Stage(
+    name="generate",
+    inputs=("sft", "reward", "policy"),
+    key=("task", "stage.generate", "seed", "round", "method.reference"),
     output=OffPolicyData,
     ranks=Ranks.SHARDED,
     compute=compute,

@@ -1,0 +1,142 @@
+"""Rounds (``pipeline.rounds``): round r >= 2 samples its own slice of the off-policy prompts from round
+r - 1's policy, stores the reference's log-probs (``method.reference``: SFT's, or the sampling policy's
+own) and continues training that policy. One round keeps every store key; the stages of each round are
+store artifacts, so a second run reuses every round it shares."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import datasets
+import pytest
+
+from directalign.errors import ConfigError
+from directalign.pipeline import run_pipeline
+from directalign.stages import ALIGN, GENERATE
+from directalign.validation import validate_config
+from tests.conftest import compose_config, mini_smoke_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pipeline.rounds=0", "pipeline.rounds=0 must be an integer >= 1"),
+        ("method.reference=mirror", "method.reference='mirror' is not one of sft, previous"),
+        ("stage.align.replay=all", "stage.align.replay='all' must be true or false"),
+    ],
+)
+def test_bad_round_settings_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config([override]))
+
+
+def test_replay_with_a_moving_reference_is_refused():
+    cfg = compose_config(["experiment=smoke", "stage.align.replay=true", "compare.copg.reference=previous"])
+    with pytest.raises(ConfigError, match="stage.align.replay=true needs compare.copg.reference=sft"):
+        validate_config(cfg)
+
+
+def test_more_rounds_than_prompts_are_refused_before_any_stage(tmp_path):
+    cfg = compose_config(
+        ["experiment=smoke", "task.max_examples_per_split={offpolicy: 4}", "pipeline.rounds=5"], tmp_path
+    )
+    with pytest.raises(ConfigError, match="pipeline.rounds=5 needs at least one off-policy prompt a round"):
+        run_pipeline(cfg)
+    assert not list((tmp_path / "store").glob("*/*/manifest.json"))
+
+
+def test_one_round_keeps_the_store_keys():
+    """The reference setting and the round are in no key of round 1's stages."""
+    cfg, moved = compose_config([]), compose_config(["method.reference=previous"])
+    assert "reference" not in ALIGN.key_config(cfg)["method"]
+    assert ALIGN.key_config(moved) == ALIGN.key_config(cfg)
+    assert GENERATE.key_config(cfg) == GENERATE.key_config(moved)
+    assert "round" not in cfg
+
+
+def off_policy_datasets(store: Path) -> dict[tuple[str | None, str | None], datasets.Dataset]:
+    """The store's off-policy datasets by (the policy that sampled them, the reference they store):
+    round 1's under (None, None)."""
+    found = {}
+    for manifest_path in store.glob("generate/*/manifest.json"):
+        manifest = json.loads(manifest_path.read_text())
+        key = (manifest["upstream"].get("policy"), manifest["config"].get("method.reference"))
+        found[key] = datasets.load_from_disk(str(manifest_path.parent / "data"))
+    return found
+
+
+@pytest.fixture(scope="module")
+def two_round_store(tmp_path_factory) -> Path:
+    """The reduced smoke experiment (dpo and copg) in two rounds with the SFT reference, then with the
+    previous round's policy as the reference, then with the SFT reference and replay, in one store."""
+    folder = tmp_path_factory.mktemp("rounds")
+    for run, reference, replay in (
+        ("sft", "sft", False),
+        ("previous", "previous", False),
+        ("replay", "sft", True),
+    ):
+        command = mini_smoke_command(
+            folder,
+            "pipeline.rounds=2",
+            f"compare.dpo.reference={reference}",
+            f"compare.copg.reference={reference}",
+            f"stage.align.replay={str(replay).lower()}",
+            f"paths.results_dir={folder}/results_{run}",
+            run_dir=f"hydra_{run}",
+        )
+        subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    return folder
+
+
+def test_two_rounds_share_round_one_and_evaluate_every_round(two_round_store):
+    store = two_round_store / "store"
+    # Round 1: one dataset, one policy a method; round 2: a dataset a method and reference, and a policy a
+    # method and run (replay trains on round 2's SFT-reference samples again, after round 1's).
+    assert len(list(store.glob("generate/*/manifest.json"))) == 1 + 2 * 2
+    assert len(list(store.glob("replay/*/manifest.json"))) == 2
+    assert len(list(store.glob("align/*/manifest.json"))) == 2 + 2 * 3
+    for run in ("sft", "previous", "replay"):
+        summary = (two_round_store / f"results_{run}" / "summary.csv").read_text()
+        for name in ("dpo_round1", "copg_round1", "dpo", "copg"):
+            assert f"\n{name}," in summary
+
+
+def test_a_later_round_samples_its_own_prompts_and_stores_its_reference(two_round_store):
+    found = off_policy_datasets(two_round_store / "store")
+    first = found.pop((None, None))
+    policies = {policy for policy, _ in found}
+    assert len(policies) == 2  # round 1's dpo and copg policies each sample round 2
+    for policy in policies:
+        fixed, moved = found[(policy, "sft")], found[(policy, "previous")]
+        assert not set(first["id"]) & set(fixed["id"])  # a slice of the prompts of its own
+        assert len(first) and len(fixed)
+        # The same policy draws the same completions whatever the reference; only the stored reference
+        # log-probs differ: SFT's, or the sampling policy's own.
+        assert list(fixed["id"]) == list(moved["id"])
+        assert list(fixed["completion_ids"]) == list(moved["completion_ids"])
+        assert list(fixed["ref_logps"]) != list(moved["ref_logps"])
+
+
+def test_replay_trains_on_every_round_so_far(two_round_store):
+    """Round 2's replayed data is round 1's dataset, then round 2's own, rows and stored values intact."""
+    store = two_round_store / "store"
+    (first,) = [
+        path.parent
+        for path in store.glob("generate/*/manifest.json")
+        if "policy" not in read(path)["upstream"]
+    ]
+    for manifest_path in store.glob("replay/*/manifest.json"):
+        upstream = read(manifest_path)["upstream"]
+        assert store / upstream["earlier"] == first
+        earlier, latest = (
+            datasets.load_from_disk(str(store / upstream[name] / "data")) for name in ("earlier", "latest")
+        )
+        replayed = datasets.load_from_disk(str(manifest_path.parent / "data"))
+        for column in ("id", "completion_ids", "reward", "ref_logps"):
+            assert list(replayed[column]) == list(earlier[column]) + list(latest[column])
+
+
+def read(manifest_path: Path) -> dict:
+    return json.loads(manifest_path.read_text())
