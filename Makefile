@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test lint smoke reproduce bandit length-bandit headlines beta-sweep length sweep bench gpu-check recompute clean
+.PHONY: help install test lint smoke reproduce bandit length-bandit headlines rounds beta-sweep length sweep bench gpu-check recompute clean
 
 help:  ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,16 @@ headlines: install  ## The default experiment: paper B's claims on the reward-KL
 	$(PY) pipelines/results_readme.py
 
 reproduce: bandit length-bandit headlines  ## The bandits and the default experiment (results/bandit, length_bandit, headlines)
+
+# Each method in three rounds, later rounds sampled from the policy (iterative) or from SFT (offline), two
+# training seeds each (conf/experiment/rounds.yaml); each beta between the two of its frontier curve.
+ROUNDS_RUN := $(PY) pipelines/run.py -m experiment=rounds pipeline.round_sampler=policy,sft
+rounds: install  ## Iterative against offline alignment: dpo, ipo and copg in three rounds, two seeds each (results/rounds/)
+	$(ROUNDS_RUN) method=dpo method.beta=0.1
+	$(ROUNDS_RUN) method=ipo method.beta=0.02
+	$(ROUNDS_RUN) method=copg method.beta=0.06
+	$(PY) pipelines/rounds_report.py
+	$(PY) pipelines/results_readme.py
 
 # make length LENGTH_BIAS=0.01: the same study under a labeller that prefers longer headlines.
 LENGTH_BIAS ?= 0.0

@@ -11,22 +11,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from directalign.frontier import ClaimSpec
-from directalign.frontier_report import log_frontier_wandb, write_frontier_report
+from directalign.frontier_report import claim_specs, log_frontier_wandb, write_frontier_report
 from directalign.length_study import write_length_report
 
 log = logging.getLogger(__name__)
-
-
-def claim_specs(cfg: DictConfig) -> list[ClaimSpec]:
-    """The config's claims, each read at the config's matched KLs unless it names its own points."""
-    specs = []
-    for spec in OmegaConf.to_container(cfg.claims, resolve=True):
-        along = spec.get("along")
-        default_at = cfg.matched_kl if along == "kl_to_ref" else []
-        at = tuple(float(x) for x in spec.pop("at", default_at) or ())
-        specs.append(ClaimSpec(**(spec | {"contrast": tuple(spec["contrast"]), "at": at})))
-    return specs
 
 
 @hydra.main(config_path="../conf", config_name="frontier_report", version_base="1.3")

@@ -72,6 +72,40 @@ def test_seeds_are_averaged_and_their_spread_adds_to_the_standard_error():
     assert first.seed_values == pytest.approx([0.4, 0.6])
 
 
+def test_a_contrast_of_four_curves_is_the_difference_of_two_differences_by_hand():
+    # Per prompt (p0, p1): a 0.5/0.7, b 0.4/0.4, c 0.3/0.5, d 0.3/0.3, one seed each but a with two
+    # seeds at levels 0.5 and 0.7 (per prompt 0.4/0.6 and 0.6/0.8).
+    a = {0: [point("a", 0.1, 0, [0.4, 0.6], [5.0, 5.0])], 1: [point("a", 0.1, 1, [0.6, 0.8], [5.0, 5.0])]}
+    b, c, d = (
+        {0: [point(n, 0.1, 0, gold, [5.0, 5.0])]}
+        for n, gold in (("b", [0.4, 0.4]), ("c", [0.3, 0.5]), ("d", [0.3, 0.3]))
+    )
+
+    readings = [read_curve(side, "gold_reward", None, None) for side in (a, b, c, d)]
+    mean, se, n = contrast(*readings)
+
+    # (a - b) - (c - d) per prompt: (0.5 - 0.4) - (0.3 - 0.3) = 0.1 and (0.7 - 0.4) - (0.5 - 0.3) = 0.1:
+    # no prompt spread; a's seeds 0.5 and 0.7: variance 0.02 over 2 seeds.
+    assert (mean, n) == (pytest.approx(0.1), 2)
+    assert se == pytest.approx(math.sqrt(0.01))
+    with pytest.raises(KeyError):
+        contrast(*readings[:3])
+
+
+def test_points_of_one_beta_are_told_apart_by_their_steps(tmp_path: Path):
+    rows = [
+        {"curve": "dpo iterative", "method": "dpo", "length_power": 0.0, "beta": 0.1, "seed": 0, "step": step}
+        | {"prompt": "p0", "n_samples": 2, "proxy_reward": 1.0, "gold_reward": gold}
+        | {"length_tokens": 10.0, "kl_to_ref": kl}
+        for step, gold, kl in ((32, 0.3, 2.0), (64, 0.4, 4.0), (96, 0.5, 6.0))
+    ]
+    write_per_prompt(rows, tmp_path / "per_prompt.csv")
+
+    points = read_per_prompt(tmp_path / "per_prompt.csv")
+
+    assert sorted((p.step, p.level("gold_reward")) for p in points) == [(32, 0.3), (64, 0.4), (96, 0.5)]
+
+
 def curve(name: str, seed: int, kls: tuple[float, float], golds: tuple[float, float]) -> list[Point]:
     return [
         point(name, beta, seed, [gold - 0.01, gold + 0.01], [kl - 0.5, kl + 0.5])

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import datasets
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from directalign.errors import ConfigError
+from directalign.logprobs import batched_completion_logps
 from directalign.pipeline import run_pipeline
 from directalign.stages import ALIGN, GENERATE
 from directalign.validation import validate_config
@@ -25,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("pipeline.rounds=0", "pipeline.rounds=0 must be an integer >= 1"),
         ("method.reference=mirror", "method.reference='mirror' is not one of sft, previous"),
         ("stage.align.replay=all", "stage.align.replay='all' must be true or false"),
+        ("pipeline.round_sampler=ref", r"pipeline.round_sampler='ref' must be one of \['policy', 'sft'\]"),
     ],
 )
 def test_bad_round_settings_are_refused_in_one_line(override, message):
@@ -70,13 +73,14 @@ def off_policy_datasets(store: Path) -> dict[tuple[str | None, str | None], data
 @pytest.fixture(scope="module")
 def two_round_store(tmp_path_factory) -> Path:
     """The reduced smoke experiment (dpo and copg) in two rounds with the SFT reference, then (up to
-    alignment) with the previous round's policy as the reference and with the SFT reference and replay,
-    in one store."""
+    alignment) with the previous round's policy as the reference, with the SFT reference and replay, and
+    offline (round 2 sampled from SFT), in one store."""
     folder = tmp_path_factory.mktemp("rounds")
-    for run, reference, replay in (
-        ("sft", "sft", False),
-        ("previous", "previous", False),
-        ("replay", "sft", True),
+    for run, reference, replay, sampler in (
+        ("sft", "sft", False, "policy"),
+        ("previous", "previous", False, "policy"),
+        ("replay", "sft", True, "policy"),
+        ("offline", "sft", False, "sft"),
     ):
         # Only the first run evaluates its policies; the others are read from the store.
         last = "align,evaluate" if run == "sft" else "align"
@@ -87,6 +91,7 @@ def two_round_store(tmp_path_factory) -> Path:
             f"compare.dpo.reference={reference}",
             f"compare.copg.reference={reference}",
             f"stage.align.replay={str(replay).lower()}",
+            f"pipeline.round_sampler={sampler}",
             f"paths.results_dir={folder}/results_{run}",
             run_dir=f"hydra_{run}",
         )
@@ -98,9 +103,10 @@ def test_two_rounds_share_round_one_and_evaluate_every_round(two_round_store):
     store = two_round_store / "store"
     # Round 1: one dataset, one policy a method; round 2: a dataset a method and reference, and a policy a
     # method and run (replay trains on round 2's SFT-reference samples again, after round 1's).
-    assert len(list(store.glob("generate/*/manifest.json"))) == 1 + 2 * 2
+    # Offline, round 2's slice is sampled once from SFT for both methods.
+    assert len(list(store.glob("generate/*/manifest.json"))) == 1 + 2 * 2 + 1
     assert len(list(store.glob("replay/*/manifest.json"))) == 2
-    assert len(list(store.glob("align/*/manifest.json"))) == 2 + 2 * 3
+    assert len(list(store.glob("align/*/manifest.json"))) == 2 + 2 * 4
     summary = (two_round_store / "results_sft" / "summary.csv").read_text()
     for name in ("dpo_round1", "copg_round1", "dpo", "copg"):
         assert f"\n{name}," in summary
@@ -109,6 +115,11 @@ def test_two_rounds_share_round_one_and_evaluate_every_round(two_round_store):
 def test_a_later_round_samples_its_own_prompts_and_stores_its_reference(two_round_store):
     found = off_policy_datasets(two_round_store / "store")
     first = found.pop((None, None))
+    (sft,) = [
+        path.parent.relative_to(two_round_store / "store").as_posix()
+        for path in (two_round_store / "store").glob("sft/*/manifest.json")
+    ]
+    offline = found.pop((sft, "sft"))
     policies = {policy for policy, _ in found}
     assert len(policies) == 2  # round 1's dpo and copg policies each sample round 2
     for policy in policies:
@@ -120,6 +131,27 @@ def test_a_later_round_samples_its_own_prompts_and_stores_its_reference(two_roun
         assert list(fixed["id"]) == list(moved["id"])
         assert list(fixed["completion_ids"]) == list(moved["completion_ids"])
         assert list(fixed["ref_logps"]) != list(moved["ref_logps"])
+        # Offline, SFT samples round 2's slice of the prompts.
+        assert set(offline["id"]) & set(fixed["id"]) and not set(offline["id"]) & set(first["id"])
+
+
+def test_sft_log_probs_scored_while_sampling_match_a_whole_sft_pass(two_round_store):
+    """A later round's SFT reference comes from the states the policy recorded while sampling (SFT's top
+    layers only, where the policy shares its trunk): the same numbers a whole SFT forward pass gives."""
+    store = two_round_store / "store"
+    (sft_folder,) = [path.parent for path in store.glob("sft/*/manifest.json")]
+    sft = AutoModelForCausalLM.from_pretrained(sft_folder / "model")
+    pad_id = AutoTokenizer.from_pretrained(sft_folder / "model").pad_token_id
+    found = off_policy_datasets(store)
+    rounds = [data for (policy, reference), data in found.items() if policy and reference == "sft"]
+    assert rounds
+    for data in rounds:
+        prompts = [row["prompt_ids"] for row in data for _ in row["completion_ids"]]
+        completions = [c for row in data for c in row["completion_ids"]]
+        stored = [logps for row in data for logps in row["ref_logps"]]
+        whole = batched_completion_logps(sft, prompts, completions, pad_id, batch_size=8)
+        for ours, theirs in zip(stored, whole, strict=True):
+            assert ours == pytest.approx(theirs, abs=1e-4)
 
 
 def test_replay_trains_on_every_round_so_far(two_round_store):

@@ -15,6 +15,12 @@ at its picked beta (``at_pick``):
   seeds, the variance of its seeds' readings over their number (conservative: that variance also holds
   the prompt noise each seed repeats).
 - The point must lie inside every seed's curve of both methods; otherwise the claim is not read (n 0).
+- A contrast of four curves ``(a, b, c, d)`` reads ``(a - b) - (c - d)``, whether one change helps one
+  method more than another (rounds against one round, say), the same way: per prompt, seeds' variance of
+  every side added.
+
+A curve's points are its betas, or one beta's policies after different numbers of optimiser steps (the
+rounds of iterative alignment); ``step`` tells those apart.
 
 The per-prompt table (``per_prompt.csv``: one row per policy and prompt) is what the reports write and
 what every claim is recomputed from, so ``claims.json`` follows from committed files alone.
@@ -53,12 +59,14 @@ SFT = "sft"
 
 @dataclass(frozen=True)
 class Point:
-    """One evaluated policy on a curve: its beta and training seed and each metric's per-prompt means."""
+    """One evaluated policy on a curve: its beta and training seed, each metric's per-prompt means, and
+    the optimiser steps that trained it (None where the table leaves them out)."""
 
     curve: str
     beta: float
     seed: int
     means: dict[str, dict[str, float]]
+    step: int | None = None
 
     def level(self, metric: str) -> float:
         """The metric's mean over prompts."""
@@ -133,29 +141,38 @@ def read_curve(seeds: dict[int, list[Point]], metric: str, along: str | None, at
     )
 
 
-def contrast(first: Reading, second: Reading) -> tuple[float, float, int]:
-    """``first - second``: mean, standard error (paired over prompts, plus each side's between-seed
-    variance) and the number of paired prompts."""
-    prompts = sorted(set(first.terms) & set(second.terms))
+# The sign of each curve in a contrast of two (a - b) or four ((a - b) - (c - d)).
+SIGNS = {2: (1, -1), 4: (1, -1, -1, 1)}
+
+
+def contrast(*sides: Reading) -> tuple[float, float, int]:
+    """``first - second`` (or ``(a - b) - (c - d)`` of four): mean, standard error (paired over prompts,
+    plus each side's between-seed variance) and the number of paired prompts."""
+    signs = SIGNS[len(sides)]
+    prompts = sorted(set.intersection(*(set(side.terms) for side in sides)))
     if len(prompts) < 2:
-        raise DataError(f"a contrast needs at least 2 prompts both sides answered, not {len(prompts)}")
-    differences = np.asarray([first.terms[p] - second.terms[p] for p in prompts])
+        raise DataError(f"a contrast needs at least 2 prompts every side answered, not {len(prompts)}")
+    differences = np.asarray(
+        [sum(s * side.terms[p] for s, side in zip(signs, sides, strict=True)) for p in prompts]
+    )
     variance = float(differences.var(ddof=1)) / len(prompts)
-    for side in (first, second):
+    for side in sides:
         if len(side.seed_values) > 1:
             variance += float(np.var(side.seed_values, ddof=1)) / len(side.seed_values)
-    return first.value - second.value, math.sqrt(variance), len(prompts)
+    value = sum(s * side.value for s, side in zip(signs, sides, strict=True))
+    return value, math.sqrt(variance), len(prompts)
 
 
 @dataclass(frozen=True)
 class ClaimSpec:
-    """A claim to read: ``contrast`` (two curve names) moves ``metric`` in ``direction`` (+1, -1, or 0 for
-    either way), read ``along`` KL or length at each of ``at`` (empty: the middle of the common range),
-    or, with ``along`` None, each method at its picked beta."""
+    """A claim to read: ``contrast`` (two curve names, or four: the first pair's difference against the
+    second's) moves ``metric`` in ``direction`` (+1, -1, or 0 for either way), read ``along`` KL or
+    length at each of ``at`` (empty: the middle of the common range), or, with ``along`` None, each
+    method at its picked beta."""
 
     claim: str
     paper: str
-    contrast: tuple[str, str]
+    contrast: tuple[str, ...]
     metric: str
     direction: int
     along: str | None = None
@@ -167,8 +184,10 @@ class ClaimSpec:
                 f"claim {self.claim!r}: metric {self.metric!r} along {self.along!r}; metric one of"
                 f" {list(METRICS)}, along one of {list(ALONG)} or null (at each method's pick)"
             )
-        if self.metric == self.along or len(self.contrast) != 2:
-            raise ConfigError(f"claim {self.claim!r}: a contrast of two curves, a metric other than along")
+        if self.metric == self.along or len(self.contrast) not in SIGNS:
+            raise ConfigError(
+                f"claim {self.claim!r}: a contrast of two or four curves, a metric other than along"
+            )
 
 
 def curves_of(points: Sequence[Point]) -> dict[str, dict[int, list[Point]]]:
@@ -192,6 +211,8 @@ def estimates(
     sides = [curves[name] for name in spec.contrast]
     seeds = min(len(side) for side in sides)
     label = f"{spec.contrast[0]} - {spec.contrast[1]}"
+    if len(spec.contrast) == 4:
+        label = f"({label}) - ({spec.contrast[2]} - {spec.contrast[3]})"
     common = (spec.claim, spec.paper, label, spec.metric, spec.direction)
     if spec.along is None:
         if picks is None or any(name not in picks for name in spec.contrast):
@@ -269,14 +290,19 @@ def write_per_prompt(rows: Sequence[dict[str, Any]], path: Path) -> None:
 def read_per_prompt(path: Path) -> list[Point]:
     """The aligned policies of a per-prompt table as curve points (SFT's rows are left out: it is no
     curve's point)."""
-    grouped: dict[tuple[str, float, int], dict[str, dict[str, float]]] = {}
+    grouped: dict[tuple[str, float, int, int | None], dict[str, dict[str, float]]] = {}
     with path.open(newline="") as handle:
         for line, row in enumerate(csv.DictReader(handle), start=2):
             if list(row) != list(PER_PROMPT_COLUMNS):
                 raise DataError(f"{path}: columns {list(row)} are not {list(PER_PROMPT_COLUMNS)}")
             if row["curve"] == SFT:
                 continue
-            key = (row["curve"], float(row["beta"]), int(row["seed"]))
+            key = (
+                row["curve"],
+                float(row["beta"]),
+                int(row["seed"]),
+                int(row["step"]) if row["step"] else None,
+            )
             means = grouped.setdefault(key, {m: {} for m in METRICS})
             for metric in METRICS:
                 if row[metric] == "":
@@ -285,4 +311,4 @@ def read_per_prompt(path: Path) -> list[Point]:
                 if not math.isfinite(value):
                     raise DataError(f"{path} line {line}: {metric} {row[metric]!r} is not finite")
                 means[metric][row["prompt"]] = value
-    return [Point(curve, beta, seed, means) for (curve, beta, seed), means in grouped.items()]
+    return [Point(curve, beta, seed, means, step) for (curve, beta, seed, step), means in grouped.items()]

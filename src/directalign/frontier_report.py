@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 from directalign.claims import Claim, claims_table, family, write_claims
 from directalign.errors import DataError
@@ -59,6 +60,17 @@ def write_data(sweep_dir: Path, out: Path) -> list[dict[str, Any]]:
         writer.writeheader()
         writer.writerows([{k: "" if r[k] is None else r[k] for k in BEST_OF_N_COLUMNS} for r in frontier])
     return rows
+
+
+def claim_specs(cfg: DictConfig) -> list[ClaimSpec]:
+    """The config's claims, each read at the config's matched KLs unless it names its own points."""
+    specs = []
+    for spec in OmegaConf.to_container(cfg.claims, resolve=True):
+        along = spec.get("along")
+        default_at = cfg.matched_kl if along == "kl_to_ref" else []
+        at = tuple(float(x) for x in spec.pop("at", default_at) or ())
+        specs.append(ClaimSpec(**(spec | {"contrast": tuple(spec["contrast"]), "at": at})))
+    return specs
 
 
 def write_spec(
@@ -108,12 +120,12 @@ def power_table(claims: Sequence[Claim], targets: dict[str, float]) -> str:
 
 
 def curve_band(seeds: dict[int, list[Point]], metric: str) -> tuple[list[float], list[float], list[float]]:
-    """A method's points averaged over seeds at each beta: KL, metric and its standard error over
-    prompts (per-prompt means averaged over seeds) with the between-seed variance added."""
-    betas = sorted({p.beta for points in seeds.values() for p in points})
+    """A method's points averaged over seeds at each beta (and step): KL, metric and its standard error
+    over prompts (per-prompt means averaged over seeds) with the between-seed variance added."""
+    places = sorted({(p.beta, p.step or 0) for points in seeds.values() for p in points})
     kls, values, errors = [], [], []
-    for beta in betas:
-        at_beta = [p for points in seeds.values() for p in points if p.beta == beta]
+    for place in places:
+        at_beta = [p for points in seeds.values() for p in points if (p.beta, p.step or 0) == place]
         prompts = sorted(set.intersection(*(set(p.means[metric]) for p in at_beta)))
         per_prompt = np.mean([[p.means[metric][q] for q in prompts] for p in at_beta], axis=0)
         variance = per_prompt.var(ddof=1) / len(prompts)

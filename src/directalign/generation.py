@@ -231,9 +231,9 @@ def cut_after_eos(tokens: list[int], eos_id: int) -> list[int]:
 Draw = tuple[list[int], float]
 
 
-def sampled_logratios(
+def sample_with_reference(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel | None,
+    ref_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     num_samples: int,
@@ -241,15 +241,15 @@ def sampled_logratios(
     batch_size: int,
     prompt_cache: PromptCache | None = None,
     **sampling: Any,
-) -> list[list[Draw]]:
-    """``num_samples`` completions per prompt and ``log pi(y) - log pi_ref(y)`` summed over each: on the
-    policy's own temperature-1 samples its mean estimates KL(pi || pi_ref) without bias.
+) -> tuple[list, list, list]:
+    """``num_samples`` completions per prompt with the policy's and the reference's per-token log-probs
+    of each (three lists of groups, a group a prompt).
 
     When the two models share a trunk (``trunk.shared_trunk_layer``: an aligned policy with LoRA on the
     top layers and its SFT model), the reference runs only its layers above it, on the hidden states
     the policy computed there while sampling; otherwise a whole forward pass. A ``prompt_cache`` built by
     ``ref_model`` at that layer (``prompt_cache.py``) spares both models their passes over the prompts."""
-    layer = None if ref_model is None else shared_trunk_layer(model, ref_model)
+    layer = shared_trunk_layer(model, ref_model)
     if prompt_cache is not None and prompt_cache.first_layer != layer:
         raise ValueError(
             f"prompt_cache was built at layer {prompt_cache.first_layer}, but the policy and its reference"
@@ -268,8 +268,6 @@ def sampled_logratios(
         **sampling,
     )
     samples, sample_logps = sampled[:2]
-    if ref_model is None:
-        return [[(c, 0.0) for c in group] for group in samples]
     flat_prompts = [prompt for prompt, group in zip(prompts, samples, strict=True) for _ in group]
     flat = [c for group in samples for c in group]
     pad_id = tokenizer.pad_token_id
@@ -284,7 +282,31 @@ def sampled_logratios(
             ref_model, layer, flat_prompts, flat, states, pad_id, batch_size
         )
     ref = iter(ref_logps)
+    return samples, sample_logps, [[next(ref) for _ in group] for group in samples]
+
+
+def sampled_logratios(
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    prompt_cache: PromptCache | None = None,
+    **sampling: Any,
+) -> list[list[Draw]]:
+    """``num_samples`` completions per prompt and ``log pi(y) - log pi_ref(y)`` summed over each: on the
+    policy's own temperature-1 samples its mean estimates KL(pi || pi_ref) without bias. The reference's
+    log-probs come as ``sample_with_reference`` computes them; no reference: every log-ratio 0."""
+    options = {"num_samples": num_samples, "seed": seed, "batch_size": batch_size} | sampling
+    if ref_model is None:
+        samples = sample_completions(model, tokenizer, prompts, return_logps=True, **options)[0]
+        return [[(c, 0.0) for c in group] for group in samples]
+    samples, sample_logps, ref_logps = sample_with_reference(
+        model, ref_model, tokenizer, prompts, prompt_cache=prompt_cache, **options
+    )
     return [
-        [(c, float(sum(logps) - sum(next(ref)))) for c, logps in zip(group, group_logps, strict=True)]
-        for group, group_logps in zip(samples, sample_logps, strict=True)
+        [(c, float(sum(logps) - sum(ref))) for c, logps, ref in zip(*groups, strict=True)]
+        for groups in zip(samples, sample_logps, ref_logps, strict=True)
     ]

@@ -65,23 +65,27 @@ def later_rounds(
     name: str,
     policy: AlignedPolicy,
     offpolicy: OffPolicyData,
-) -> list[tuple[str, AlignedPolicy]]:
+) -> list[tuple[str, int, AlignedPolicy]]:
     """Round 1's ``policy`` of one method and seed (``ctx``, round 1's; trained on ``offpolicy``) and
-    those of rounds 2 .. ``pipeline.rounds``, each trained on samples of the one before it (and, with
-    ``stage.align.replay``, on every earlier round's) and continuing it. Every round but the last is named
-    ``<name>_round<r>``; the last keeps ``name``."""
+    those of rounds 2 .. ``pipeline.rounds``, each continuing the one before it on its own slice's
+    samples (and, with ``stage.align.replay``, on every earlier round's). The slice is sampled by the
+    previous round's policy, or with ``pipeline.round_sampler=sft`` by SFT: offline training in the same
+    rounds, the control that isolates what sampling from the policy adds. Every round but the last is
+    named ``<name>_round<r>``; the last keeps ``name``. Returns (name, round, policy) a round."""
     rounds, replay = ctx.cfg.pipeline.rounds, ctx.cfg.stage.align.replay
     per_round = ctx.cfg.stage.generate.max_prompts
+    from_sft = ctx.cfg.pipeline.round_sampler == "sft"
     policies, training = [policy], offpolicy
     for index in range(2, rounds + 1):
         round_ctx = round_context(ctx, index, per_round)
-        latest = GENERATE_ROUND.run(round_ctx, upstream | {"policy": policies[-1]})
+        sampler = upstream["sft"] if from_sft else policies[-1]
+        latest = GENERATE_ROUND.run(round_ctx, upstream | {"policy": sampler})
         training = REPLAY.run(round_ctx, {"earlier": training, "latest": latest}) if replay else latest
         inputs = upstream | {"offpolicy": training, "init": policies[-1]}
         inputs |= frozen_trunk(round_ctx, upstream["sft"], training)
         policies.append(align_stage("trunk" in inputs, True).run(round_ctx, inputs))
     names = [f"{name}_round{index}" for index in range(1, rounds)] + [name]
-    return list(zip(names, policies, strict=True))
+    return [(names[index], index + 1, policy) for index, policy in enumerate(policies)]
 
 
 def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[dict] | None:
@@ -121,9 +125,11 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[dict] |
     if "evaluate" not in stages:
         return None
     results = [PolicyResult.of("sft", EVALUATE.run(ctx, upstream | {"policy": sft}).record())]
-    for name, policy in aligned:
+    for name, index, policy in aligned:
         evaluation = EVALUATE.run(ctx, upstream | {"policy": policy})
         results.append(PolicyResult.of(name, evaluation.record(), policy))
+        if rounds > 1:
+            results[-1].round = {"index": index, "sampler": cfg.pipeline.round_sampler}
     if not is_rank_zero():
         return None
     eval_cfg = cfg.stage.evaluate

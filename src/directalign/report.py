@@ -91,6 +91,8 @@ class PolicyResult:
     train_pairs: int | None = None
     train_steps: int | None = None
     greedy: list[dict[str, Any]] = field(default_factory=list)
+    # Under pipeline.rounds > 1: the round's index and what sampled its data ({"index", "sampler"}).
+    round: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, name: str, evaluation: EvalRecord, aligned: AlignedPolicy | None = None) -> "PolicyResult":
@@ -360,6 +362,7 @@ def write_policies(
         | {"kind": "baseline" if r.beta is None else "aligned", "curve": r.curve, "policy": r.policy}
         | {"prompt_means": prompt_means(r.own_samples)}
         | {"sample_lengths": sorted(s["length_tokens"] for s in r.own_samples)}
+        | ({"round": r.round} if r.round else {})
         for r, row in zip(results, rows, strict=True)
     ] + [row | {"kind": "best_of_n", "curve": [], "policy": results[0].policy} for row in frontier]
     (out / POLICIES_FILE).write_text(json.dumps(records, indent=2))

@@ -27,6 +27,7 @@ TRAINING_STAGES = ("sft", "reward", "align")
 GENERATION_BACKENDS = ("hf", "vllm")
 REWARD_SOURCES = ("proxy", "gold")
 REFERENCES = ("sft", "previous")
+ROUND_SAMPLERS = ("policy", "sft")
 # Chat template, system prompt and instruction around the source: a generous bound, checked exactly
 # per prompt once the tokenizer has built them (check_prompt_lengths).
 TEMPLATE_TOKENS = 64
@@ -254,6 +255,10 @@ def _check_stages(cfg: DictConfig) -> None:
 def _check_rounds(cfg: DictConfig) -> None:
     """Replay trains on earlier rounds' samples as stored: their reference must be the one reference."""
     _count("pipeline.rounds", cfg.pipeline.rounds)
+    if cfg.pipeline.round_sampler not in ROUND_SAMPLERS:
+        raise ConfigError(
+            f"pipeline.round_sampler={cfg.pipeline.round_sampler!r} must be one of {list(ROUND_SAMPLERS)}"
+        )
     if not cfg.stage.align.replay:
         return
     methods = cfg.compare.items() if cfg.compare else [("method", cfg.method)]

@@ -19,7 +19,7 @@ from pathlib import Path
 from directalign.artifacts import OffPolicyData, PolicyArtifact, RewardArtifact
 from directalign.distributed import is_rank_zero, map_sharded, rank_seed, world
 from directalign.errors import DataError
-from directalign.generation import release_accelerator_memory, sample_completions
+from directalign.generation import release_accelerator_memory, sample_completions, sample_with_reference
 from directalign.logprobs import batched_completion_logps
 from directalign.offpolicy_stats import dataset_statistics
 from directalign.preferences import labeller_scores
@@ -40,9 +40,13 @@ Group = tuple[list[list[int]], list[list[float]]]  # one prompt's completions an
 ROUND_SEED_STRIDE = 1000
 
 
-def sampler(ctx: StageContext, policy: PolicyArtifact, seed: int) -> Sampler:
+def sampler(
+    ctx: StageContext, policy: PolicyArtifact, seed: int, reference: PolicyArtifact | None = None
+) -> Sampler:
     """The configured backend over ``policy`` (SFT, or a later round's policy), drawing
-    ``stage.generate.sampling``."""
+    ``stage.generate.sampling``; the log-probs it returns are the policy's own, or with ``reference``
+    (hf backend) that model's, computed as the evaluation computes KL: on a policy trained on the top
+    layers only the reference's top layers run, on the states the policy recorded while sampling."""
     sampling = Sampling.of(ctx.cfg, "generate")
     if ctx.cfg.stage.generate.backend == "vllm":
         from directalign.generation_vllm import VllmSampler  # vLLM is imported only when chosen
@@ -56,6 +60,16 @@ def sampler(ctx: StageContext, policy: PolicyArtifact, seed: int) -> Sampler:
             top_p=sampling.top_p,
         )
     model = policy.load(ctx.device)
+    desc = f"off-policy samples (T={sampling.temperature})"
+    if reference is not None:
+        ref_model = reference.load(ctx.device)
+
+        def sample_scored(prompts: list[list[int]]) -> tuple[list, list]:
+            options = sampling.options() | {"seed": rank_seed(seed), "desc": desc}
+            samples, _, ref_logps = sample_with_reference(model, ref_model, ctx.tokenizer, prompts, **options)
+            return samples, ref_logps
+
+        return sample_scored
 
     def sample(prompts: list[list[int]]) -> tuple[list, list]:
         return sample_completions(
@@ -63,7 +77,7 @@ def sampler(ctx: StageContext, policy: PolicyArtifact, seed: int) -> Sampler:
             ctx.tokenizer,
             prompts,
             seed=rank_seed(seed),
-            desc=f"off-policy samples (T={sampling.temperature})",
+            desc=desc,
             return_logps=True,
             **sampling.options(),
         )
@@ -171,7 +185,11 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     seed = ctx.seed(2 + ROUND_SEED_STRIDE * (round_cfg.index - 1 if round_cfg else 0))
     offset = round_cfg.prompt_offset if round_cfg else 0
     prompts = ctx.prompts("offpolicy", stage_cfg.max_prompts, sft.context_length, offset)
-    sample = sampler(ctx, policy, seed)
+    # A later round's samples need SFT's log-probs when SFT is the reference: scored while sampling where
+    # the backend allows (hf), else by a pass of the whole SFT model afterwards (sft_reference).
+    rescore = policy is not sft and ctx.cfg.method.reference == "sft"
+    scored_while_sampling = rescore and stage_cfg.backend == "hf"
+    sample = sampler(ctx, policy, seed, sft if scored_while_sampling else None)
     start = time.perf_counter()
     groups = map_sharded(prompts.ids, partial(sample_groups, sample))
     seconds = time.perf_counter() - start
@@ -179,7 +197,7 @@ def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     release_accelerator_memory()
     if not is_rank_zero():
         return {}  # rank 0 scores and writes the dataset
-    if policy is not sft and ctx.cfg.method.reference == "sft":
+    if rescore and not scored_while_sampling:
         groups = sft_reference(ctx, sft, prompts, groups)
     n_generated = sum(len(c) for completions, _ in groups for c in completions)
     log.info(
