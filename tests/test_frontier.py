@@ -88,7 +88,7 @@ def test_a_contrast_of_four_curves_is_the_difference_of_two_differences_by_hand(
     # no prompt spread; a's seeds 0.5 and 0.7: variance 0.02 over 2 seeds.
     assert (mean, n) == (pytest.approx(0.1), 2)
     assert se == pytest.approx(math.sqrt(0.01))
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="a contrast reads two or four curves, not 3"):
         contrast(*readings[:3])
 
 

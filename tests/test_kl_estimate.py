@@ -4,9 +4,10 @@ equals KL(policy || reference) computed exactly by enumerating every completion 
 import itertools
 import math
 
+import pytest
 import torch
 
-from directalign.generation import sample_completions, sampled_logratios
+from directalign.generation import sample_completions, sample_with_reference, sampled_logratios
 from directalign.logprobs import batched_completion_logps
 from directalign.trunk import shared_trunk_layer
 from tests.conftest import tiny_llama
@@ -93,3 +94,37 @@ def test_a_shared_trunk_gives_the_whole_forward_logratios():
             assert completion == sample
             assert math.isclose(logratio, sum(sample_logps) - sum(next(ref)), abs_tol=1e-5)
     assert any(abs(value) > 0.01 for group in draws for _, value in group)
+
+
+def test_the_reference_log_probs_of_a_shared_trunk_are_the_whole_forward_ones_token_by_token():
+    """What a later round stores as SFT's reference (``sample_with_reference``, the generate stage's
+    path): on a policy that shares its reference's trunk, the reference's per-token log-probs from its top
+    layer on the recorded states equal its whole forward pass's, and the samples are the policy's own."""
+    reference = tiny_llama(vocab_size=VOCAB)
+    policy = tiny_llama(vocab_size=VOCAB)
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if name.startswith("model.layers.1."):
+                weight.add_(0.3 * torch.randn_like(weight))
+    assert shared_trunk_layer(policy, reference) == 1
+    prompts = [PROMPT, [2, 3], [4]] * 3
+    options = {"num_samples": 2, "seed": 0, "batch_size": 4, "max_new_tokens": 4, "do_sample": True}
+    samples, sample_logps, ref_logps = sample_with_reference(
+        policy, reference, TinyTokenizer(), prompts, **options
+    )
+    own, own_logps = sample_completions(policy, TinyTokenizer(), prompts, return_logps=True, **options)
+    assert samples == own and sample_logps == own_logps
+    flat_prompts = [p for p, group in zip(prompts, samples, strict=True) for _ in group]
+    whole = batched_completion_logps(
+        reference, flat_prompts, [c for g in samples for c in g], PAD, batch_size=4
+    )
+    stored = [logps for group in ref_logps for logps in group]
+    assert len(stored) == len(whole)
+    for ours, theirs in zip(stored, whole, strict=True):
+        assert ours == pytest.approx(theirs, abs=1e-5)
+    assert any(
+        abs(a - b) > 0.01
+        for s, r in zip(sample_logps, ref_logps, strict=True)
+        for x, y in zip(s, r, strict=True)
+        for a, b in zip(x, y, strict=True)
+    )

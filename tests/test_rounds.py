@@ -41,6 +41,12 @@ def test_replay_with_a_moving_reference_is_refused():
         validate_config(cfg)
 
 
+def test_offline_rounds_with_a_moving_reference_are_refused():
+    cfg = compose_config(["experiment=smoke", "pipeline.round_sampler=sft", "compare.dpo.reference=previous"])
+    with pytest.raises(ConfigError, match="pipeline.round_sampler=sft needs compare.dpo.reference=sft"):
+        validate_config(cfg)
+
+
 def test_more_rounds_than_prompts_are_refused_before_any_stage(tmp_path):
     cfg = compose_config(
         ["experiment=smoke", "task.max_examples_per_split={offpolicy: 4}", "pipeline.rounds=5"], tmp_path
@@ -135,9 +141,10 @@ def test_a_later_round_samples_its_own_prompts_and_stores_its_reference(two_roun
         assert set(offline["id"]) & set(fixed["id"]) and not set(offline["id"]) & set(first["id"])
 
 
-def test_sft_log_probs_scored_while_sampling_match_a_whole_sft_pass(two_round_store):
-    """A later round's SFT reference comes from the states the policy recorded while sampling (SFT's top
-    layers only, where the policy shares its trunk): the same numbers a whole SFT forward pass gives."""
+def test_a_later_rounds_stored_sft_reference_is_sfts_log_probs(two_round_store):
+    """The SFT reference a later round stores is SFT's per-token log-probs of its samples (here the smoke
+    policy trains every layer, so SFT runs whole; tests/test_kl_estimate.py checks the top-layers path
+    that a policy sharing SFT's trunk takes)."""
     store = two_round_store / "store"
     (sft_folder,) = [path.parent for path in store.glob("sft/*/manifest.json")]
     sft = AutoModelForCausalLM.from_pretrained(sft_folder / "model")

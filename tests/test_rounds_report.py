@@ -12,8 +12,9 @@ from directalign.errors import DataError
 from directalign.frontier import ClaimSpec
 from directalign.frontier_report import claim_specs
 from directalign.report import SUMMARY_COLUMNS, PolicyResult, write_policies, write_table
-from directalign.rounds_report import write_rounds_report
+from directalign.rounds_report import log_rounds_wandb, write_rounds_report
 from tests.conftest import ROOT
+from tests.test_wandb import read_offline_run
 
 PROMPTS = ("p0", "p1")
 
@@ -155,3 +156,17 @@ def test_the_rounds_report_config_names_curves_of_the_rounds_sweep():
     arms = {name.rsplit(" ", 1)[1] for spec in specs for name in spec.contrast}
     assert methods == {"dpo", "ipo", "copg"} and arms == {"iterative", "offline"}
     assert all(spec.at == () and spec.along == "kl_to_ref" for spec in specs)
+
+
+def test_the_wandb_run_logs_every_curve_by_round(sweep, tmp_path):
+    out = tmp_path / "report"
+    claims, table = write_rounds_report(sweep, out, [gains("dpo")], {"gold_reward": 0.006})
+
+    run_dir = log_rounds_wandb(claims, table, out, mode="offline", dir=tmp_path / "wandb", project="test")
+
+    run = read_offline_run(run_dir)
+    # The last round logged: round 3, each curve's seed mean (both seeds alike here).
+    assert run["summary"]["round"] == 3
+    assert run["summary"]["dpo iterative/gold_reward"] == pytest.approx(0.40)
+    assert run["summary"]["copg offline/kl_this_round"] == pytest.approx(3.0)
+    assert {"rounds/table", "rounds/claims", "rounds/plot"} <= set(run["summary"])

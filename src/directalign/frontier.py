@@ -148,6 +148,8 @@ SIGNS = {2: (1, -1), 4: (1, -1, -1, 1)}
 def contrast(*sides: Reading) -> tuple[float, float, int]:
     """``first - second`` (or ``(a - b) - (c - d)`` of four): mean, standard error (paired over prompts,
     plus each side's between-seed variance) and the number of paired prompts."""
+    if len(sides) not in SIGNS:
+        raise ValueError(f"a contrast reads two or four curves, not {len(sides)}")
     signs = SIGNS[len(sides)]
     prompts = sorted(set.intersection(*(set(side.terms) for side in sides)))
     if len(prompts) < 2:

@@ -146,7 +146,7 @@ def read_best_of_n(out: Path) -> list[dict[str, float]]:
         ]
 
 
-def plot_frontier(out: Path, matched_kl: Sequence[float], path: Path) -> None:
+def plot_frontier(out: Path, matched_kl: Sequence[float], path: Path, points: str = "betas") -> None:
     """Proxy and gold against KL: each method's seed-averaged curve with a one-standard-error band,
     best-of-n over SFT samples dashed, the matched KLs as vertical lines."""
     curves = curves_of(read_per_prompt(out / PER_PROMPT_FILE))
@@ -171,7 +171,7 @@ def plot_frontier(out: Path, matched_kl: Sequence[float], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    save_figure(fig, "Reward against KL: each method across its betas, mean over seeds ± 1 SE", path)
+    save_figure(fig, f"Reward against KL: each method across its {points}, mean over seeds ± 1 SE", path)
 
 
 def log_frontier_wandb(claims: Sequence[Claim], out: Path, **init: Any) -> Path:

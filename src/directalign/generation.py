@@ -300,6 +300,8 @@ def sampled_logratios(
     policy's own temperature-1 samples its mean estimates KL(pi || pi_ref) without bias. The reference's
     log-probs come as ``sample_with_reference`` computes them; no reference: every log-ratio 0."""
     options = {"num_samples": num_samples, "seed": seed, "batch_size": batch_size} | sampling
+    if ref_model is None and prompt_cache is not None:
+        raise ValueError("a prompt_cache serves a policy and its reference; there is no reference here")
     if ref_model is None:
         samples = sample_completions(model, tokenizer, prompts, return_logps=True, **options)[0]
         return [[(c, 0.0) for c in group] for group in samples]

@@ -90,6 +90,8 @@ def with_cumulative_steps(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]
         indices = [r["round"]["index"] for r in run]
         if indices != list(range(1, len(run) + 1)):
             raise DataError(f"{curve} seed {seed}: rounds {indices}, not 1 .. {len(run)} each once")
+        if any(r["train_steps"] is None for r in run):
+            raise DataError(f"job {run[0]['job']}: {curve} seed {seed} has a round without its train_steps")
         steps = np.cumsum([r["train_steps"] for r in run]).tolist()
         updated.extend(
             r | {"train_steps": int(s), "curve_name": curve} for r, s in zip(run, steps, strict=True)
@@ -199,19 +201,18 @@ def log_rounds_wandb(
                     if index in curve_rounds:
                         logged[f"{curve}/{column}"] = values[curve_rounds.index(index)]
             run.log(logged)
-        records = [asdict(c) for c in claims]
-        run.log(
-            {
-                "rounds/table": wandb.Table(
-                    columns=list(ROUND_COLUMNS), data=[[row[c] for c in ROUND_COLUMNS] for row in table]
-                ),
-                "rounds/claims": wandb.Table(
-                    columns=list(records[0]), data=[list(r.values()) for r in records]
-                ),
-                "rounds/plot": wandb.Image(str(out / "rounds.png")),
-                "rounds/frontier": wandb.Image(str(out / "frontier.png")),
-            }
-        )
+        tables = {
+            "rounds/table": wandb.Table(
+                columns=list(ROUND_COLUMNS), data=[[row[c] for c in ROUND_COLUMNS] for row in table]
+            ),
+            "rounds/plot": wandb.Image(str(out / "rounds.png")),
+            "rounds/frontier": wandb.Image(str(out / "frontier.png")),
+        }
+        if records := [asdict(c) for c in claims]:
+            tables["rounds/claims"] = wandb.Table(
+                columns=list(records[0]), data=[list(r.values()) for r in records]
+            )
+        run.log(tables)
         return Path(run.dir).parent
 
 
@@ -225,7 +226,7 @@ def write_rounds_report(
     claims = recompute_claims(out)
     (out / "power.md").write_text(power_table(claims, power_targets))
     marked = sorted({c.at for c in claims if c.protocol == "matched_kl" and c.at is not None})
-    plot_frontier(out, marked, out / "frontier.png")
+    plot_frontier(out, marked, out / "frontier.png", points="rounds")
     plot_rounds(table, out / "rounds.png")
     log.info("rounds report: %d claims in %s", len(claims), out)
     return claims, table

@@ -253,19 +253,26 @@ def _check_stages(cfg: DictConfig) -> None:
 
 
 def _check_rounds(cfg: DictConfig) -> None:
-    """Replay trains on earlier rounds' samples as stored: their reference must be the one reference."""
+    """Replay trains on earlier rounds' samples as stored, and offline rounds store SFT's log-probs:
+    either needs SFT as every method's reference."""
     _count("pipeline.rounds", cfg.pipeline.rounds)
     if cfg.pipeline.round_sampler not in ROUND_SAMPLERS:
         raise ConfigError(
             f"pipeline.round_sampler={cfg.pipeline.round_sampler!r} must be one of {list(ROUND_SAMPLERS)}"
         )
-    if not cfg.stage.align.replay:
+    offline = cfg.pipeline.round_sampler == "sft"
+    if not (cfg.stage.align.replay or offline):
         return
     methods = cfg.compare.items() if cfg.compare else [("method", cfg.method)]
     for name, method in methods:
         reference = method.get("reference", "sft")
         if reference != "sft":
             where = f"compare.{name}" if cfg.compare else name
+            if offline:
+                raise ConfigError(
+                    f"pipeline.round_sampler=sft needs {where}.reference=sft, not {reference!r}: SFT"
+                    " samples every round, so no previous policy scores them"
+                )
             raise ConfigError(
                 f"stage.align.replay=true needs {where}.reference=sft, not {reference!r}: an earlier"
                 " round's samples store the log-probs of that round's own reference"

@@ -3,11 +3,12 @@
 K completions per prompt sampled from the SFT policy, scored by the calibrated reward model (and the
 gold judge), with the SFT (reference) log-prob of every completion token stored once, so alignment never
 runs a reference model. Under ``pipeline.rounds`` > 1 each later round draws its own slice of the
-off-policy prompts from the previous round's policy (``GENERATE_ROUND``); the stored reference is the
-SFT model's log-probs of those samples (``method.reference=sft``) or the sampling policy's own
-(``previous``). ``reward_source=gold`` trains on the labeller's own logits instead (an oracle
-arm, with the labeller's length bias where the task sets one). Empty completions and non-finite rewards
-are dropped and counted; a prompt needs two completions left to form a pair.
+off-policy prompts (``GENERATE_ROUND``) from the previous round's policy, or from SFT with
+``pipeline.round_sampler=sft`` (offline rounds); the stored reference is the SFT model's log-probs of
+those samples (``method.reference=sft``) or the sampling policy's own (``previous``).
+``reward_source=gold`` trains on the labeller's own logits instead (an oracle arm, with the labeller's
+length bias where the task sets one). Empty completions and non-finite rewards are dropped and counted;
+a prompt needs two completions left to form a pair.
 """
 
 import logging
@@ -179,7 +180,7 @@ def sft_reference(
 
 def compute(ctx: StageContext, folder: Path, inputs: dict) -> dict:
     """Round 1 samples the SFT policy; a later round (``inputs["policy"]``, ``ctx.cfg.round``) the
-    previous round's policy, on its own slice of the prompts."""
+    previous round's policy or SFT, on its own slice of the prompts."""
     stage_cfg, sft, reward = ctx.cfg.stage.generate, inputs["sft"], inputs["reward"]
     policy, round_cfg = inputs.get("policy", sft), ctx.cfg.get("round")
     seed = ctx.seed(2 + ROUND_SEED_STRIDE * (round_cfg.index - 1 if round_cfg else 0))
@@ -230,8 +231,8 @@ GENERATE = Stage(
     compute=compute,
 )
 
-# A later round's dataset: sampled by the previous round's policy (an input, so its whole history is in
-# the key), on the prompts of ``round`` (its index and offset), with ``method.reference``'s log-probs.
+# A later round's dataset: sampled by the previous round's policy or SFT (an input, so its whole history
+# is in the key), on the prompts of ``round`` (its index and offset), with ``method.reference``'s log-probs.
 GENERATE_ROUND = Stage(
     name="generate",
     inputs=("sft", "reward", "policy"),
