@@ -69,10 +69,8 @@ def test_sampled_logratio_estimates_the_exact_kl():
     assert error < 0.1 * exact
 
 
-def test_a_shared_trunk_gives_the_whole_forward_logratios():
-    """A policy that differs from its reference above layer 1 only (LoRA on the top layers): the
-    reference then runs layer 1 alone on the policy's recorded states, and the log-ratios equal those
-    of the reference's whole forward pass on the same samples."""
+def trunk_sharing_pair() -> tuple:
+    """A policy that differs from its reference above layer 1 only, as LoRA on the top layers makes it."""
     reference = tiny_llama(vocab_size=VOCAB)
     policy = tiny_llama(vocab_size=VOCAB)
     with torch.no_grad():
@@ -80,6 +78,14 @@ def test_a_shared_trunk_gives_the_whole_forward_logratios():
             if name.startswith("model.layers.1."):
                 weight.add_(0.3 * torch.randn_like(weight))
     assert shared_trunk_layer(policy, reference) == 1
+    return policy, reference
+
+
+def test_a_shared_trunk_gives_the_whole_forward_logratios():
+    """A policy that differs from its reference above layer 1 only (LoRA on the top layers): the
+    reference then runs layer 1 alone on the policy's recorded states, and the log-ratios equal those
+    of the reference's whole forward pass on the same samples."""
+    policy, reference = trunk_sharing_pair()
     prompts = [PROMPT, [2, 3], [4]] * 3
     options = {"num_samples": 2, "seed": 0, "batch_size": 4, "max_new_tokens": 4, "do_sample": True}
     draws = sampled_logratios(policy, reference, TinyTokenizer(), prompts, **options)
@@ -100,13 +106,7 @@ def test_the_reference_log_probs_of_a_shared_trunk_are_the_whole_forward_ones_to
     """What a later round stores as SFT's reference (``sample_with_reference``, the generate stage's
     path): on a policy that shares its reference's trunk, the reference's per-token log-probs from its top
     layer on the recorded states equal its whole forward pass's, and the samples are the policy's own."""
-    reference = tiny_llama(vocab_size=VOCAB)
-    policy = tiny_llama(vocab_size=VOCAB)
-    with torch.no_grad():
-        for name, weight in policy.named_parameters():
-            if name.startswith("model.layers.1."):
-                weight.add_(0.3 * torch.randn_like(weight))
-    assert shared_trunk_layer(policy, reference) == 1
+    policy, reference = trunk_sharing_pair()
     prompts = [PROMPT, [2, 3], [4]] * 3
     options = {"num_samples": 2, "seed": 0, "batch_size": 4, "max_new_tokens": 4, "do_sample": True}
     samples, sample_logps, ref_logps = sample_with_reference(
