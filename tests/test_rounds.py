@@ -4,7 +4,10 @@ own) and continues training that policy. One round keeps every store key; the st
 store artifacts, so a second run reuses every round it shares."""
 
 import json
+import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import datasets
@@ -178,6 +181,60 @@ def test_replay_trains_on_every_round_so_far(two_round_store):
         replayed = datasets.load_from_disk(str(manifest_path.parent / "data"))
         for column in ("id", "completion_ids", "reward", "ref_logps"):
             assert list(replayed[column]) == list(earlier[column]) + list(latest[column])
+
+
+def round_one_store(source: Path, target: Path) -> dict[Path, int]:
+    """A copy of ``source``'s store holding round 1 alone (SFT, reward model, round 1's dataset, trunk
+    and policies, models and task data); returns the copied manifests' modification times."""
+    for folder in source.iterdir():
+        if folder.name not in ("generate", "trunk", "align", "replay", "evaluate"):
+            shutil.copytree(folder, target / folder.name)
+    (first,) = [
+        p.parent for p in source.glob("generate/*/manifest.json") if "policy" not in read(p)["upstream"]
+    ]
+    keep = [first.relative_to(source).as_posix()]
+    for stage in ("trunk", "align"):
+        for path in source.glob(f"{stage}/*/manifest.json"):
+            upstream = read(path)["upstream"]
+            if upstream.get("offpolicy") in keep and "init" not in upstream:
+                keep.append(path.parent.relative_to(source).as_posix())
+    for name in keep:
+        shutil.copytree(source / name, target / name)
+    return {path: path.stat().st_mtime_ns for path in target.glob("*/*/manifest.json")}
+
+
+def test_a_run_killed_in_round_two_resumes_without_recomputing_round_one(two_round_store, tmp_path):
+    before = round_one_store(two_round_store / "store", tmp_path / "store")
+    assert len([p for p in before if p.parts[-3] == "align"]) == 2  # dpo's and copg's round 1
+    command = mini_smoke_command(
+        tmp_path, "pipeline.rounds=2", "pipeline.stages=[sft,reward,generate,align]", run_dir="hydra_killed"
+    )
+    with (tmp_path / "killed.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        # Killed as soon as round 2's first dataset starts: a second folder in generate/.
+        while len([p for p in (tmp_path / "store" / "generate").iterdir() if p.is_dir()]) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "killed.log"
+            ).read_text()
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    overrides = command[command.index("pipeline.rounds=2") :]
+    resumed = subprocess.run(
+        mini_smoke_command(tmp_path, *overrides, run_dir="hydra_resumed"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = {path: path.stat().st_mtime_ns for path in (tmp_path / "store").glob("*/*/manifest.json")}
+    assert {path: after[path] for path in before} == before  # round 1 untouched
+    assert (resumed.stdout + resumed.stderr).count("align: reusing") == 2
+    round_two = [p for p in after if p.parts[-3] == "align" and "init" in read(p)["upstream"]]
+    assert len(round_two) == 2
 
 
 def read(manifest_path: Path) -> dict:
