@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## Create .venv and install pinned dependencies (idempotent)
 
-test: install  ## Run the test suite (ruff, pytest on 2 workers; 7.5-9.5 min on 2 CPU cores, within its 10-minute budget)
+test: install  ## Run the test suite (ruff, pytest on 2 workers; 7.5-10 min on 2 CPU cores, its budget 10)
 	$(VENV)/bin/ruff check src pipelines tests
 	$(PY) -m pytest -q
 
