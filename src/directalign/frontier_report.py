@@ -55,11 +55,16 @@ def write_data(sweep_dir: Path, out: Path) -> list[dict[str, Any]]:
     records = baselines + rows
     names = {i: SFT if i < len(baselines) else curve_names[id(r)] for i, r in enumerate(records)}
     write_per_prompt(per_prompt_rows(records, names), out / PER_PROMPT_FILE)
-    with (out / BEST_OF_N_FILE).open("w", newline="") as handle:
+    write_best_of_n(frontier, out / BEST_OF_N_FILE)
+    return rows
+
+
+def write_best_of_n(frontier: Sequence[dict[str, Any]], path: Path) -> None:
+    """``best_of_n.csv``: the best-of-n rows over SFT samples, the frontier at small KL."""
+    with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=BEST_OF_N_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows([{k: "" if r[k] is None else r[k] for k in BEST_OF_N_COLUMNS} for r in frontier])
-    return rows
 
 
 def claim_specs(cfg: DictConfig) -> list[ClaimSpec]:

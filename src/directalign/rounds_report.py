@@ -28,12 +28,12 @@ from directalign.claims import Claim
 from directalign.errors import DataError
 from directalign.frontier import SFT, ClaimSpec, per_prompt_rows, write_per_prompt
 from directalign.frontier_report import (
-    BEST_OF_N_COLUMNS,
     BEST_OF_N_FILE,
     PER_PROMPT_FILE,
     plot_frontier,
     power_table,
     recompute_claims,
+    write_best_of_n,
     write_spec,
 )
 from directalign.plots import plt, save_figure
@@ -134,10 +134,7 @@ def write_data(sweep_dir: Path, out: Path) -> list[dict[str, Any]]:
     records = baselines + rows
     names = {i: SFT if i < len(baselines) else r["curve_name"] for i, r in enumerate(records)}
     write_per_prompt(per_prompt_rows(records, names), out / PER_PROMPT_FILE)
-    with (out / BEST_OF_N_FILE).open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=BEST_OF_N_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows([{k: "" if r[k] is None else r[k] for k in BEST_OF_N_COLUMNS} for r in frontier])
+    write_best_of_n(frontier, out / BEST_OF_N_FILE)
     table = round_rows(rows)
     with (out / ROUNDS_FILE).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=ROUND_COLUMNS)
